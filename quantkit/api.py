@@ -1,0 +1,43 @@
+"""The public Python API: ``load`` a model, ``load_tokenizer`` for it."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from quantkit.errors import UsageError
+from quantkit.model.ernie import ErnieMoeForCausalLM
+from quantkit.model.loader import load_model
+from quantkit.sources import resolve
+from quantkit.tokenizer import Tokenizer
+
+BACKENDS = ("auto", "torch", "triton")
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+           "float32": torch.float32, "fp32": torch.float32}
+
+
+def _dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype)]
+    except KeyError:
+        raise UsageError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)}") from None
+
+
+def load(src: str | os.PathLike, device: str | torch.device = "cpu", dtype=None, backend: str = "auto") -> ErnieMoeForCausalLM:
+    """Load a model for inference.
+
+    src: an HF checkpoint directory or a built-in name (``random:ernie-tiny``, ``demo:smollm2-moe``, ...).
+    dtype: None keeps the checkpoint's dtype; the router and its bias always stay fp32.
+    backend: ``auto`` | ``torch`` | ``triton``. Unquantized checkpoints run on torch whatever is asked.
+    """
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    return load_model(resolve(src), device=device, dtype=_dtype(dtype))
+
+
+def load_tokenizer(src: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a checkpoint directory or built-in model: ``encode(str)``, ``decode(ids)``."""
+    return Tokenizer(resolve(src))

@@ -1,0 +1,105 @@
+"""The ``quantkit`` command: a thin click layer over the Python API (no logic of its own).
+
+User errors (``QuantkitError``) print one line and exit 2 (bad usage/input) or 1 (failure).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from quantkit import __version__
+from quantkit.errors import QuantkitError
+
+
+def _friendly(fn):
+    """Turn QuantkitError into one line on stderr and its exit code; Ctrl-C into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except QuantkitError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+DEVICE = click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
+DTYPE = click.option("--dtype", default=None, help="bfloat16|float16|float32 (default: the checkpoint's)")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="quantkit")
+def main():
+    """Quantize Mixture-of-Experts LLMs to 4/2 bits and run them.
+
+    SRC is an HF checkpoint directory or a built-in model: random:ernie-tiny,
+    random:ernie-21b-a3b?layers=N, demo:smollm2-moe, demo:smollm2-dense.
+    """
+
+
+@main.group("eval")
+def eval_group():
+    """Evaluate a model."""
+
+
+@eval_group.command("perplexity")
+@click.argument("src")
+@click.option("--data", required=True, help="a .txt/.jsonl/.parquet file or directory, sotu, sotu:test, peoples-daily, or hf:PATH[:CONFIG]:SPLIT")
+@click.option("--seq-len", default=2048, show_default=True, type=int, help="tokens per window")
+@click.option("--max-windows", default=None, type=int, help="evaluate at most N windows")
+@DEVICE
+@DTYPE
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="write the result as JSON here")
+@_friendly
+def perplexity_cmd(src, data, seq_len, max_windows, device, dtype, json_path):
+    """Perplexity of SRC on DATA (non-overlapping windows, documents joined by blank lines)."""
+    from quantkit.evals.perplexity import evaluate_perplexity
+
+    r = evaluate_perplexity(src, data, seq_len, max_windows, device=device, dtype=dtype)
+    click.echo(f"perplexity {r.perplexity:.4f}  (nll {r.nll:.4f}, {r.tokens} tokens, {r.windows} windows x {r.seq_len}, "
+               f"model {r.model}, data {r.data}, {r.seconds:.1f}s)")
+    if json_path:
+        keys = ("perplexity", "nll", "tokens", "seq_len", "windows", "model", "data")
+        Path(json_path).write_text(json.dumps({k: getattr(r, k) for k in keys}, indent=2) + "\n")
+
+
+@main.command("generate")
+@click.argument("src")
+@click.option("--prompt", required=True)
+@click.option("--max-new-tokens", default=48, show_default=True, type=int)
+@click.option("--sample/--greedy", default=False, show_default=True)
+@click.option("--temperature", default=0.8, show_default=True, type=float)
+@click.option("--top-p", default=0.95, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+@DEVICE
+@DTYPE
+@_friendly
+def generate_cmd(src, prompt, max_new_tokens, sample, temperature, top_p, seed, device, dtype):
+    """Continue PROMPT with SRC (greedy by default)."""
+    import torch
+
+    import quantkit
+
+    tok = quantkit.load_tokenizer(src)
+    model = quantkit.load(src, device=device, dtype=dtype)
+    ids = tok.encode(prompt)
+    if not ids:
+        raise QuantkitError("the prompt tokenizes to nothing", exit_code=2)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature,
+                         top_p=top_p, generator=gen)
+    click.echo(prompt + tok.decode(out[0, len(ids):].tolist()))
+
+
+if __name__ == "__main__":
+    main()

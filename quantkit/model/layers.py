@@ -1,0 +1,201 @@
+"""Building blocks of ERNIE-4.5-MoE: RMSNorm, interleaved RoPE, GQA attention, SwiGLU MLP, router, experts.
+
+Parameter names follow the Hugging Face checkpoint (``q_proj``, ``mlp.gate``, ``moe_statics``...), so the
+loader maps names one to one, except the routed experts, which live here as 3-D ``[E, N, K]`` tensors
+(``gate_proj``/``up_proj``: ``[E, I, H]``, ``down_proj``: ``[E, H, I]``) and are per-expert on disk.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantkit.model.config import ErnieMoeConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for ERNIE's interleaved (GPT-J style) RoPE: pairs (2i, 2i+1) rotate together."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] (int) -> cos, sin [T, head_dim] in fp32, each frequency repeated twice."""
+        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # [T, D/2]
+        return freqs.cos().repeat_interleave(2, dim=-1), freqs.sin().repeat_interleave(2, dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, D]; rotation in fp32, result in x's dtype."""
+    xf = x.float()
+    x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Keys/values per layer, ``[B, kv_heads, T, D]``, grown by concatenation."""
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    def length(self) -> int:
+        k = next((k for k in self.keys if k is not None), None)
+        return 0 if k is None else k.shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ErnieMoeConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        h, b = cfg.hidden_size, cfg.use_bias
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=b)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=b)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=b)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=b)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = 0 if cache.keys[self.layer_idx] is None else cache.keys[self.layer_idx].shape[2]
+            k, v = cache.update(self.layer_idx, k, v)
+        if past == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
+        else:  # new queries sit at positions past..past+T-1 and may see every key up to their own
+            mask = torch.arange(past + T, device=x.device)[None, :] <= (past + torch.arange(T, device=x.device))[:, None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). Used for dense layers and for the shared experts."""
+
+    def __init__(self, hidden: int, inter: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
+        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoeStatics(nn.Module):
+    """Holds the routing correction bias ``[1, E]`` (fp32): it changes which experts are chosen, not their weights."""
+
+    def __init__(self, num_experts: int):
+        super().__init__()
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(1, num_experts, dtype=torch.float32), requires_grad=False)
+
+
+def route(
+    x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor, top_k: int, norm_min: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ERNIE routing in fp32. x [T, H] -> (topk_ids [T, k] int64, topk_weights [T, k] fp32).
+
+    Experts are chosen by top-k of softmax probs + correction bias; they are weighted by the unbiased
+    probs, renormalised to sum 1 (the sum clamped below by ``norm_min``).
+    """
+    probs = F.softmax(F.linear(x.float(), gate_weight.float()), dim=-1)
+    _, ids = torch.topk(probs + bias.float().reshape(-1), top_k, dim=-1)
+    weights = torch.gather(probs, -1, ids)
+    weights = weights / torch.clamp(weights.sum(-1, keepdim=True), min=norm_min)
+    return ids, weights
+
+
+class Experts(nn.Module):
+    """E routed SwiGLU experts held as 3-D tensors: gate/up ``[E, I, H]``, down ``[E, H, I]``.
+
+    ``forward`` loops over the experts that received tokens. Quantized subclasses override
+    ``project(e, name, x)``, the one place that touches an expert's weight.
+    """
+
+    def __init__(self, num_experts: int, hidden: int, inter: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, inter, hidden))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, inter, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter))
+
+    def project(self, e: int, name: str, x: torch.Tensor) -> torch.Tensor:
+        """x [n, K] @ W_e^T for projection ``name`` of expert e -> [n, N]."""
+        return F.linear(x, getattr(self, name)[e])
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self.project(e, "down_proj", F.silu(self.project(e, "gate_proj", x)) * self.project(e, "up_proj", x))
+
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H], topk_ids/topk_weights [T, k] -> Σ_k w·expert(x) [T, H]."""
+        out = torch.zeros_like(x)
+        counts = torch.bincount(topk_ids.flatten(), minlength=self.num_experts).tolist()
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            tok, slot = torch.where(topk_ids == e)
+            y = self.expert_forward(e, x[tok]) * topk_weights[tok, slot, None].to(x.dtype)
+            out.index_add_(0, tok, y.to(out.dtype))
+        return out
+
+
+class Router(nn.Module):
+    """``mlp.gate``: an fp32 ``[E, H]`` weight, never quantized."""
+
+    def __init__(self, num_experts: int, hidden: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden, dtype=torch.float32))
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, cfg: ErnieMoeConfig):
+        super().__init__()
+        self.top_k, self.norm_min = cfg.moe_k, cfg.moe_norm_min
+        self.gate = Router(cfg.moe_num_experts, cfg.hidden_size)
+        self.moe_statics = MoeStatics(cfg.moe_num_experts)
+        self.experts = Experts(cfg.moe_num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = None
+        if cfg.moe_num_shared_experts > 0:
+            width = cfg.moe_intermediate_size * cfg.moe_num_shared_experts
+            self.shared_experts = MLP(cfg.hidden_size, width, cfg.use_bias)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return route(x, self.gate.weight, self.moe_statics.e_score_correction_bias, self.top_k, self.norm_min)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        ids, weights = self.route(x)
+        out = self.experts(x, ids, weights)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out.reshape(shape)

@@ -1,0 +1,132 @@
+"""Streaming loader: build on the meta device, materialise only what is asked for.
+
+The architecture knowledge is the small table below: which module parameters come from which
+checkpoint tensors. Everything maps one to one except the routed experts, stored per expert on disk
+(``mlp.experts.{e}.gate_proj.weight``) and held as one 3-D ``[E, N, K]`` parameter in memory.
+
+Typical uses:
+    model = load_model(path, device, dtype)               # everything, for inference
+    for idx, layer in stream_layers(ckpt, device, dtype):  # one decoder layer at a time
+        ...                                               # the layer is freed when the loop moves on
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantkit.errors import QuantkitError
+from quantkit.model.config import ErnieMoeConfig
+from quantkit.model.ernie import ErnieMoeForCausalLM
+from quantkit.model.layers import RotaryEmbedding
+from quantkit.model.safetensors_io import CheckpointReader
+
+EXPERT_PARAM = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
+# Checkpoint tensors that exist in some releases and that the model does not use.
+IGNORED_TENSORS = re.compile(r"(^|\.)mtp|rotary_emb\.inv_freq$")
+# Parameters kept in fp32 whatever the model dtype (the router and its bias).
+FP32_PARAMS = re.compile(r"\.mlp\.gate\.weight$|\.moe_statics\.e_score_correction_bias$")
+
+
+def source_names(param: str, cfg: ErnieMoeConfig) -> list[str]:
+    """Checkpoint tensor names that make up module parameter ``param`` (one, or one per expert)."""
+    m = EXPERT_PARAM.match(param)
+    if m:
+        return [f"{m.group(1)}.{e}.{m.group(2)}.weight" for e in range(cfg.moe_num_experts)]
+    return [param]
+
+
+def default_dtype(cfg: ErnieMoeConfig) -> torch.dtype:
+    name = cfg.raw.get("torch_dtype") or cfg.raw.get("dtype") or "float32"
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name).replace("torch.", ""), torch.float32)
+
+
+class Checkpoint:
+    """An opened HF checkpoint directory: config, tensor reader and the meta-device skeleton."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config = ErnieMoeConfig.from_dir(self.path)
+        self.reader = CheckpointReader(self.path)
+        with torch.device("meta"):
+            self.skeleton = ErnieMoeForCausalLM(self.config)
+        self._check_names()
+
+    def _param_names(self) -> list[str]:
+        return [n for n, _ in self.skeleton.named_parameters()]
+
+    def _check_names(self) -> None:
+        """Every parameter has its tensors and every tensor has a parameter: never silently random."""
+        expected = {s for p in self._param_names() for s in source_names(p, self.config)}
+        present = {n for n in self.reader.names() if not IGNORED_TENSORS.search(n)}
+        if self.config.tie_word_embeddings:
+            present.discard("lm_head.weight")
+        missing, unknown = sorted(expected - present), sorted(present - expected)
+        if missing:
+            raise QuantkitError(f"{self.path}: {len(missing)} tensors missing from the checkpoint, e.g. {missing[0]}")
+        if unknown:
+            raise QuantkitError(f"{self.path}: {len(unknown)} unknown tensors in the checkpoint, e.g. {unknown[0]}")
+
+    def read_param(self, param: str, dtype: torch.dtype) -> torch.Tensor:
+        """Read one module parameter (experts are stacked into [E, N, K]) and cast it for use."""
+        names = source_names(param, self.config)
+        if len(names) == 1:
+            t = self.reader.read(names[0])
+        else:
+            first = self.reader.info(names[0])
+            t = torch.empty((len(names), *first.shape), dtype=first.dtype)
+            for e, name in enumerate(names):
+                info = self.reader.info(name)
+                if info.shape != first.shape or info.dtype != first.dtype:
+                    raise QuantkitError(f"{name}: shape/dtype {list(info.shape)} {info.dtype} differs from expert 0")
+                self.reader.read_into(name, t[e])
+        if param.endswith("e_score_correction_bias"):
+            t = t.reshape(1, -1)  # [1, E] in the Hub checkpoint, [E] in some conversions
+        return t.to(torch.float32 if FP32_PARAMS.search(param) else dtype)
+
+    def materialize(self, module: nn.Module, prefix: str, device, dtype: torch.dtype) -> nn.Module:
+        """Fill every parameter of ``module`` (named ``prefix`` in the model) from the checkpoint, in place."""
+        for name, p in list(module.named_parameters(recurse=True)):
+            full = f"{prefix}.{name}" if prefix else name
+            t = self.read_param(full, dtype)
+            if tuple(t.shape) != tuple(p.shape):
+                raise QuantkitError(f"{full}: checkpoint shape {list(t.shape)} != model shape {list(p.shape)} (config mismatch?)")
+            owner, leaf = _owner(module, name)
+            owner._parameters[leaf] = nn.Parameter(t.to(device), requires_grad=False)
+        return module
+
+
+def _owner(module: nn.Module, dotted: str) -> tuple[nn.Module, str]:
+    *path, leaf = dotted.split(".")
+    for p in path:
+        module = getattr(module, p)
+    return module, leaf
+
+
+def release(module: nn.Module) -> None:
+    """Return a materialised module's memory by moving its tensors back to the meta device."""
+    module.to("meta")
+
+
+def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = None) -> ErnieMoeForCausalLM:
+    """The whole model, materialised on ``device`` (dtype: the checkpoint's unless given)."""
+    ckpt = Checkpoint(path)
+    dtype = dtype or default_dtype(ckpt.config)
+    model = ckpt.materialize(ckpt.skeleton, "", device, dtype)
+    model.rotary = RotaryEmbedding(ckpt.config.head_dim, ckpt.config.rope_theta).to(device)
+    return model.eval()
+
+
+def stream_layers(ckpt: Checkpoint, device="cpu", dtype: torch.dtype | None = None) -> Iterator[tuple[int, nn.Module]]:
+    """Yield ``(idx, decoder_layer)`` materialised one at a time; each is released when the next is asked for."""
+    dtype = dtype or default_dtype(ckpt.config)
+    for idx, layer in enumerate(ckpt.skeleton.model.layers):
+        ckpt.materialize(layer, f"model.layers.{idx}", device, dtype)
+        try:
+            yield idx, layer
+        finally:
+            release(layer)

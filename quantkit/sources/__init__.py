@@ -1,0 +1,109 @@
+"""Model sources: an HF-style directory, or a built-in name materialised as one (and cached).
+
+Built-in names:
+  ``random:ernie-tiny``                 tiny random ERNIE-4.5-MoE (tests)
+  ``random:ernie-21b-a3b?layers=N``     21B-A3B dimensions, random weights, N layers (default 2), sharded
+  ``demo:smollm2-moe``                  real-weights ERNIE-4.5-MoE built from SmolLM2-135M
+  ``demo:smollm2-dense``                the same SmolLM2 as a dense ERNIE (the demo's reference)
+
+Built models live under ``$QUANTKIT_CACHE`` (default ``~/.cache/quantkit``), in a directory whose name
+carries the recipe version, so a new recipe is rebuilt. A build goes to a temporary directory that is
+renamed at the end: an interrupted build never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from urllib.parse import parse_qs
+
+from quantkit.errors import UsageError
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QUANTKIT_CACHE") or Path.home() / ".cache" / "quantkit")
+
+
+def _log(msg: str) -> None:
+    print(f"[quantkit] {msg}", file=sys.stderr, flush=True)
+
+
+def _build_cached(name: str, build) -> Path:
+    """Return cache_root()/name, calling ``build(tmp_dir)`` first if it does not exist yet."""
+    final = cache_root() / name
+    if (final / "config.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name.replace('/', '_')}-", dir=final.parent))
+    try:
+        _log(f"building {name} (once; cached in {final.parent})")
+        build(tmp)
+        try:
+            tmp.rename(final)
+        except OSError:  # built concurrently by another process: keep theirs
+            if not (final / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _random(spec: str) -> Path:
+    from quantkit.sources.random_models import ERNIE_21B_A3B, ERNIE_TINY, RANDOM_VERSION, write_random_checkpoint
+
+    name, _, query = spec.partition("?")
+    opts = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+    if name == "ernie-tiny":
+        if opts:
+            raise UsageError(f"random:ernie-tiny takes no options, got {query!r}")
+        return _build_cached(
+            f"random/ernie-tiny-v{RANDOM_VERSION}",
+            lambda out: write_random_checkpoint(out, ERNIE_TINY, seed=0, dtype="float32", max_shard_bytes=1 << 30),
+        )
+    if name == "ernie-21b-a3b":
+        unknown = set(opts) - {"layers"}
+        if unknown:
+            raise UsageError(f"random:ernie-21b-a3b: unknown option(s) {', '.join(sorted(unknown))} (known: layers)")
+        try:
+            layers = int(opts.get("layers", 2))
+        except ValueError:
+            raise UsageError(f"random:ernie-21b-a3b: layers must be an integer, got {opts['layers']!r}") from None
+        if not 1 <= layers <= 28:
+            raise UsageError(f"random:ernie-21b-a3b: layers must be in 1..28, got {layers}")
+        dims = dict(ERNIE_21B_A3B, num_hidden_layers=layers)
+
+        def progress(i, n):
+            _log(f"  wrote layer {i}/{n}")
+
+        return _build_cached(
+            f"random/ernie-21b-a3b-L{layers}-v{RANDOM_VERSION}",
+            lambda out: write_random_checkpoint(out, dims, seed=0, dtype="bfloat16", max_shard_bytes=1 << 30, progress=progress),
+        )
+    raise UsageError(f"unknown random model {spec!r}: use ernie-tiny or ernie-21b-a3b?layers=N")
+
+
+def _demo(spec: str) -> Path:
+    from quantkit.sources import smollm2_moe
+
+    builders = {"smollm2-moe": smollm2_moe.build_smollm2_moe, "smollm2-dense": smollm2_moe.build_smollm2_dense}
+    if spec not in builders:
+        raise UsageError(f"unknown demo model {spec!r}: use one of {', '.join(builders)}")
+    return _build_cached(f"demo/{spec}-v{smollm2_moe.RECIPE_VERSION}", builders[spec])
+
+
+def resolve(src: str | os.PathLike) -> Path:
+    """Turn a model source into an existing HF-layout directory (building a built-in one if needed)."""
+    s = str(src)
+    if s.startswith("random:"):
+        return _random(s[len("random:"):])
+    if s.startswith("demo:"):
+        return _demo(s[len("demo:"):])
+    path = Path(s).expanduser()
+    if not path.exists():
+        raise UsageError(f"model {s!r}: no such directory (or use a built-in name: random:ernie-tiny, demo:smollm2-moe, ...)")
+    if not path.is_dir():
+        raise UsageError(f"model {s!r} is a file; give the checkpoint directory")
+    return path
