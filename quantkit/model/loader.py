@@ -54,6 +54,8 @@ class Checkpoint:
         self.reader = CheckpointReader(self.path)
         with torch.device("meta"):
             self.skeleton = ErnieMoeForCausalLM(self.config)
+        # the RoPE table is computed, not loaded: give the skeleton a real one (a few KB)
+        self.skeleton.rotary = RotaryEmbedding(self.config.head_dim, self.config.rope_theta)
         self._check_names()
 
     def _param_names(self) -> list[str]:
@@ -117,7 +119,7 @@ def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = None)
     ckpt = Checkpoint(path)
     dtype = dtype or default_dtype(ckpt.config)
     model = ckpt.materialize(ckpt.skeleton, "", device, dtype)
-    model.rotary = RotaryEmbedding(ckpt.config.head_dim, ckpt.config.rope_theta).to(device)
+    model.rotary.to(device)
     return model.eval()
 
 
