@@ -26,16 +26,23 @@ def _dtype(dtype) -> torch.dtype | None:
         raise UsageError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)}") from None
 
 
-def load(src: str | os.PathLike, device: str | torch.device = "cpu", dtype=None, backend: str = "auto") -> ErnieMoeForCausalLM:
+def load(src: str | os.PathLike, device: str | torch.device = "cpu", dtype=None, backend: str = "auto",
+         verify: bool = True) -> ErnieMoeForCausalLM:
     """Load a model for inference.
 
     src: an HF checkpoint directory or a built-in name (``random:ernie-tiny``, ``demo:smollm2-moe``, ...).
     dtype: None keeps the checkpoint's dtype; the router and its bias always stay fp32.
-    backend: ``auto`` | ``torch`` | ``triton``. Unquantized checkpoints run on torch whatever is asked.
+    backend: ``auto`` | ``torch`` | ``triton``. Only the pure-torch path exists so far: ``auto`` picks it;
+        ``triton`` is refused until the Triton kernels land.
+    verify: check each shard's sha256 against the one quantkit recorded when writing the checkpoint.
+    Quantized (compressed-tensors pack-quantized) checkpoints load as quantized modules that hold the
+    packed tensors and dequantize on the fly.
     """
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
-    return load_model(resolve(src), device=device, dtype=_dtype(dtype))
+    if backend == "triton":
+        raise UsageError("backend 'triton' is not built yet: the Triton kernels are a later milestone; use 'torch' or 'auto'")
+    return load_model(resolve(src), device=device, dtype=_dtype(dtype), verify=verify)
 
 
 def load_tokenizer(src: str | os.PathLike) -> Tokenizer:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -71,6 +72,58 @@ def perplexity_cmd(src, data, seq_len, max_windows, device, dtype, json_path):
     if json_path:
         keys = ("perplexity", "nll", "tokens", "seq_len", "windows", "model", "data")
         Path(json_path).write_text(json.dumps({k: getattr(r, k) for k in keys}, indent=2) + "\n")
+
+
+def _parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B?)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise QuantkitError(f"bad size {text!r}: use e.g. 4GB, 500MB or a number of bytes", exit_code=2)
+    unit = (m.group(2) or "").upper().replace("I", "").rstrip("B")
+    return int(float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[unit])
+
+
+@main.command("quantize")
+@click.argument("src")
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="output directory")
+@click.option("--recipe", default=None, help="built-in recipe (w4g128, w4g128-asym, w3g128, w2g64, w8) or a .json/.yaml file")
+@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default=None, help="simple case instead of --recipe")
+@click.option("--group-size", default="128", show_default=True, help="32, 64, 128 or channel")
+@click.option("--sym/--asym", default=None, help="symmetric (default for 4/8 bits) or asymmetric (default for 2/3 bits)")
+@click.option("--method", type=click.Choice(["rtn"]), default="rtn", show_default=True)
+@click.option("--clip-search", is_flag=True, help="MSE-optimal clipping per group (slower, lower error)")
+@DEVICE
+@click.option("--max-shard-size", default="4GB", show_default=True)
+@click.option("--force", is_flag=True, help="replace a non-empty output directory")
+@_friendly
+def quantize_cmd(src, out, recipe, bits, group_size, sym, method, clip_search, device, max_shard_size, force):
+    """Quantize SRC into a compressed-tensors checkpoint at OUTPUT (streams one layer at a time)."""
+    from quantkit.pipeline.quantize import QuantizeOptions, format_summary, quantize
+    from quantkit.quant.config import get_recipe, simple_recipe
+
+    if recipe and bits:
+        raise QuantkitError("give either --recipe or --bits/--group-size/--sym, not both", exit_code=2)
+    if bits:
+        gs = None if group_size == "channel" else int(group_size) if group_size.isdigit() else group_size
+        if isinstance(gs, str):
+            raise QuantkitError(f"bad --group-size {group_size!r}: use 32, 64, 128 or channel", exit_code=2)
+        r = simple_recipe(int(bits), gs, sym if sym is not None else int(bits) >= 4)
+    else:
+        r = get_recipe(recipe or "w4g128")
+    r = r.with_method(method, clip_search or None)
+    report = quantize(src, out, r, QuantizeOptions(device=device, max_shard_bytes=_parse_size(max_shard_size), force=force))
+    click.echo(format_summary(report))
+
+
+@main.command("inspect")
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
+@_friendly
+def inspect_cmd(path, as_json):
+    """What a checkpoint holds: format, per-module schemes, bits/weight, size, experts, unquantized tensors."""
+    from quantkit.inspect import format_inspect, inspect_checkpoint
+
+    r = inspect_checkpoint(path)
+    click.echo(json.dumps(r, indent=2) if as_json else format_inspect(r))
 
 
 @main.command("generate")

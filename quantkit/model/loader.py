@@ -25,18 +25,22 @@ from quantkit.model.ernie import ErnieMoeForCausalLM
 from quantkit.model.layers import RotaryEmbedding
 from quantkit.model.safetensors_io import CheckpointReader
 
-EXPERT_PARAM = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
+# In memory ``experts.gate_proj`` (dense, 3-D) or ``experts.gate_proj.weight_packed`` (quantized, stacked);
+# on disk ``experts.{e}.gate_proj.weight`` / ``experts.{e}.gate_proj.weight_packed``.
+EXPERT_PARAM = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)(?:\.(\w+))?$")
 # Checkpoint tensors that exist in some releases and that the model does not use.
 IGNORED_TENSORS = re.compile(r"(^|\.)mtp|rotary_emb\.inv_freq$")
 # Parameters kept in fp32 whatever the model dtype (the router and its bias).
 FP32_PARAMS = re.compile(r"\.mlp\.gate\.weight$|\.moe_statics\.e_score_correction_bias$")
+# Tensors kept exactly as stored: quantization scales (dequantization must match the writer's).
+KEEP_DTYPE = re.compile(r"\.weight_scale$")
 
 
 def source_names(param: str, cfg: ErnieMoeConfig) -> list[str]:
     """Checkpoint tensor names that make up module parameter ``param`` (one, or one per expert)."""
     m = EXPERT_PARAM.match(param)
     if m:
-        return [f"{m.group(1)}.{e}.{m.group(2)}.weight" for e in range(cfg.moe_num_experts)]
+        return [f"{m.group(1)}.{e}.{m.group(2)}.{m.group(3) or 'weight'}" for e in range(cfg.moe_num_experts)]
     return [param]
 
 
@@ -48,18 +52,28 @@ def default_dtype(cfg: ErnieMoeConfig) -> torch.dtype:
 class Checkpoint:
     """An opened HF checkpoint directory: config, tensor reader and the meta-device skeleton."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, verify: bool = True):
         self.path = Path(path)
         self.config = ErnieMoeConfig.from_dir(self.path)
         self.reader = CheckpointReader(self.path)
+        if verify:
+            verify_checksums(self.path)
+        self.qconfig = self.config.raw.get("quantization_config")
+        if self.qconfig is not None and self.qconfig.get("quant_method") != "compressed-tensors":
+            raise QuantkitError(f"{self.path}: quantization method {self.qconfig.get('quant_method')!r} is not supported "
+                                "(quantkit reads compressed-tensors pack-quantized checkpoints)")
         with torch.device("meta"):
             self.skeleton = ErnieMoeForCausalLM(self.config)
+            if self.qconfig is not None:
+                from quantkit.nn.swap import swap_quantized_modules
+
+                swap_quantized_modules(self.skeleton, self.config, self.qconfig, self.reader)
         # the RoPE table is computed, not loaded: give the skeleton a real one (a few KB)
         self.skeleton.rotary = RotaryEmbedding(self.config.head_dim, self.config.rope_theta)
         self._check_names()
 
     def _param_names(self) -> list[str]:
-        return [n for n, _ in self.skeleton.named_parameters()]
+        return [n for n, _ in model_tensors(self.skeleton)]
 
     def _check_names(self) -> None:
         """Every parameter has its tensors and every tensor has a parameter: never silently random."""
@@ -88,18 +102,52 @@ class Checkpoint:
                 self.reader.read_into(name, t[e])
         if param.endswith("e_score_correction_bias"):
             t = t.reshape(1, -1)  # [1, E] in the Hub checkpoint, [E] in some conversions
+        if not t.dtype.is_floating_point or KEEP_DTYPE.search(param):
+            return t
         return t.to(torch.float32 if FP32_PARAMS.search(param) else dtype)
 
     def materialize(self, module: nn.Module, prefix: str, device, dtype: torch.dtype) -> nn.Module:
         """Fill every parameter of ``module`` (named ``prefix`` in the model) from the checkpoint, in place."""
-        for name, p in list(module.named_parameters(recurse=True)):
+        for name, p in model_tensors(module):
             full = f"{prefix}.{name}" if prefix else name
             t = self.read_param(full, dtype)
             if tuple(t.shape) != tuple(p.shape):
                 raise QuantkitError(f"{full}: checkpoint shape {list(t.shape)} != model shape {list(p.shape)} (config mismatch?)")
             owner, leaf = _owner(module, name)
-            owner._parameters[leaf] = nn.Parameter(t.to(device), requires_grad=False)
+            if leaf in owner._buffers:
+                owner._buffers[leaf] = t.to(device)
+            else:
+                owner._parameters[leaf] = nn.Parameter(t.to(device), requires_grad=False)
         return module
+
+
+def model_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Parameters and persistent buffers: everything that comes from the checkpoint."""
+    out = list(module.named_parameters())
+    for name, b in module.named_buffers():
+        owner, leaf = _owner(module, name)
+        if leaf not in owner._non_persistent_buffers_set:
+            out.append((name, b))
+    return out
+
+
+def verify_checksums(path: Path) -> None:
+    """Compare each shard's sha256 with the one quantkit recorded when writing (if it did)."""
+    from quantkit.format.compressed_tensors import METADATA_FILE
+    from quantkit.format.writer import sha256_file
+
+    meta_file = path / METADATA_FILE
+    if not meta_file.is_file():
+        return
+    import json
+
+    shards = json.loads(meta_file.read_text()).get("shards", {})
+    for name, digest in shards.items():
+        f = path / name
+        if not f.is_file():
+            raise QuantkitError(f"{path}: shard {name} is missing")
+        if sha256_file(f) != digest:
+            raise QuantkitError(f"{f}: sha256 mismatch (corrupt or modified shard; re-create it, or load with verify=False)")
 
 
 def _owner(module: nn.Module, dotted: str) -> tuple[nn.Module, str]:
@@ -114,9 +162,9 @@ def release(module: nn.Module) -> None:
     module.to("meta")
 
 
-def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = None) -> ErnieMoeForCausalLM:
+def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = None, verify: bool = True) -> ErnieMoeForCausalLM:
     """The whole model, materialised on ``device`` (dtype: the checkpoint's unless given)."""
-    ckpt = Checkpoint(path)
+    ckpt = Checkpoint(path, verify=verify)
     dtype = dtype or default_dtype(ckpt.config)
     model = ckpt.materialize(ckpt.skeleton, "", device, dtype)
     model.rotary.to(device)

@@ -12,10 +12,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from quantkit.format.writer import ShardWriter
 from quantkit.model.config import ErnieMoeConfig
-from quantkit.model.safetensors_io import INDEX_FILE, SINGLE_FILE
 
 RANDOM_VERSION = 1
 
@@ -77,47 +76,6 @@ def layer_tensors(cfg: ErnieMoeConfig, idx: int, gen: torch.Generator, dtype: to
         for name, shape in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
             t[f"{p}.mlp.experts.{e}.{name}.weight"] = w(*shape)
     return t
-
-
-class ShardWriter:
-    """Accumulates tensors and flushes a ``model-XXXXX.safetensors`` shard when it reaches ``max_bytes``."""
-
-    def __init__(self, out: Path, max_bytes: int):
-        self.out, self.max_bytes = out, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[dict[str, torch.Tensor] | str] = []
-        self.weight_map: dict[str, int] = {}
-
-    def add(self, name: str, t: torch.Tensor) -> None:
-        nbytes = t.numel() * t.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
-            self._flush()
-        self.pending[name] = t.contiguous()
-        self.pending_bytes += nbytes
-
-    def _flush(self) -> None:
-        idx = len(self.shards)
-        save_file(self.pending, str(self.out / f"shard-{idx:05d}.tmp"), metadata={"format": "pt"})
-        self.weight_map.update({n: idx for n in self.pending})
-        self.shards.append(f"shard-{idx:05d}.tmp")
-        self.pending, self.pending_bytes = {}, 0
-
-    def close(self) -> None:
-        """Flush and name the shards; a single shard becomes ``model.safetensors`` with no index."""
-        if self.pending or not self.shards:
-            self._flush()
-        n = len(self.shards)
-        if n == 1:
-            (self.out / self.shards[0]).rename(self.out / SINGLE_FILE)
-            return
-        names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        total = 0
-        for tmp, final in zip(self.shards, names):
-            (self.out / tmp).rename(self.out / final)
-            total += (self.out / final).stat().st_size
-        index = {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in sorted(self.weight_map.items())}}
-        (self.out / INDEX_FILE).write_text(json.dumps(index, indent=2))
 
 
 def write_random_checkpoint(out: Path, dims: dict, *, seed: int, dtype: str, max_shard_bytes: int, progress=None) -> None:

@@ -1,0 +1,78 @@
+"""Quantized modules that hold packed compressed-tensors tensors and dequantize on the fly (torch path).
+
+``QuantLinear`` replaces an ``nn.Linear``; ``QuantExperts`` replaces ``Experts`` and keeps the routed
+experts 3-D: each projection is a ``PackedStack`` of ``[E, ...]`` tensors whose names mirror the
+per-expert ones on disk (``experts.gate_proj.weight_packed`` <- ``experts.{e}.gate_proj.weight_packed``).
+Buffer names and shapes come from the format module.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantkit.format.compressed_tensors import PACKED, SCALE, SHAPE, ZERO, packed_words, unpack_rows
+from quantkit.model.layers import Experts
+from quantkit.quant.qtensor import QTensor
+
+
+class PackedWeight(nn.Module):
+    """The packed tensors of one ``[N, K]`` weight, or of E of them stacked (``lead=(E,)``)."""
+
+    def __init__(self, n: int, k: int, bits: int, group_size: int, symmetric: bool, scale_dtype: torch.dtype, lead=()):
+        super().__init__()
+        self.n, self.k, self.bits, self.group_size = n, k, bits, group_size
+        groups = k // group_size
+        self.register_buffer(PACKED, torch.empty(*lead, n, packed_words(k, bits), dtype=torch.int32))
+        self.register_buffer(SCALE, torch.empty(*lead, n, groups, dtype=scale_dtype))
+        self.register_buffer(SHAPE, torch.empty(*lead, 2, dtype=torch.int64))
+        if symmetric:
+            self.weight_zero_point = None
+        else:
+            self.register_buffer(ZERO, torch.empty(*lead, packed_words(n, bits), groups, dtype=torch.int32))
+
+    def qtensor(self, index: int | None = None) -> QTensor:
+        """Unpacked QTensor of the whole stack, or of one member of it."""
+        sel = (lambda t: t) if index is None else (lambda t: t[index])
+        codes = unpack_rows(sel(self.weight_packed), self.bits, self.k)
+        zeros = None
+        if self.weight_zero_point is not None:
+            zeros = unpack_rows(sel(self.weight_zero_point).transpose(-1, -2), self.bits, self.n).transpose(-1, -2)
+        return QTensor(codes, sel(self.weight_scale), zeros, self.bits, self.group_size)
+
+    def weight(self, dtype: torch.dtype, index: int | None = None) -> torch.Tensor:
+        return self.qtensor(index).dequantize(dtype)
+
+
+class QuantLinear(PackedWeight):
+    """Drop-in for ``nn.Linear``: buffers named as on disk (``q_proj.weight_packed``, ...)."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, symmetric: bool,
+                 scale_dtype: torch.dtype, bias: bool = False):
+        super().__init__(out_features, in_features, bits, group_size, symmetric, scale_dtype)
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight(x.dtype), self.bias)
+
+
+class QuantExperts(Experts):
+    """Routed experts with packed per-projection stacks; ``project`` dequantizes one expert's weight."""
+
+    def __init__(self, num_experts: int, hidden: int, inter: int, schemes: dict[str, tuple[int, int, bool]],
+                 scale_dtype: torch.dtype):
+        nn.Module.__init__(self)
+        self.num_experts = num_experts
+        shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+        for name, (n, k) in shapes.items():
+            if name in schemes:
+                bits, group, sym = schemes[name]
+                setattr(self, name, PackedWeight(n, k, bits, group, sym, scale_dtype, lead=(num_experts,)))
+            else:  # left unquantized by the recipe
+                setattr(self, name, nn.Parameter(torch.empty(num_experts, n, k), requires_grad=False))
+
+    def project(self, e: int, name: str, x: torch.Tensor) -> torch.Tensor:
+        w = getattr(self, name)
+        return F.linear(x, w.weight(x.dtype, e) if isinstance(w, PackedWeight) else w[e])

@@ -1,0 +1,53 @@
+"""Swap quantized modules into a meta-device skeleton, driven by the checkpoint's ``quantization_config``."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from quantkit.errors import QuantkitError
+from quantkit.format.compressed_tensors import SCALE, expert_prefixes, scheme_for
+from quantkit.model.config import ErnieMoeConfig
+from quantkit.model.safetensors_io import CheckpointReader
+from quantkit.nn.quantized import QuantExperts, QuantLinear
+from quantkit.quant.config import candidate_modules
+
+
+def _scheme(qconfig: dict, reader: CheckpointReader, prefix: str, k: int):
+    """(bits, group_size, symmetric, scale dtype) of the on-disk linear ``prefix``, or None."""
+    s = scheme_for(qconfig, prefix)
+    if s is None or f"{prefix}.{SCALE}" not in reader:
+        return None
+    bits, sym = s
+    groups = reader.info(f"{prefix}.{SCALE}").shape[-1]
+    if k % groups:
+        raise QuantkitError(f"{prefix}: {groups} scale groups do not divide K={k}")
+    return bits, k // groups, sym, reader.info(f"{prefix}.{SCALE}").dtype
+
+
+def swap_quantized_modules(model: nn.Module, cfg: ErnieMoeConfig, qconfig: dict, reader: CheckpointReader) -> int:
+    """Replace every linear / expert projection that the checkpoint stores quantized. Returns how many."""
+    swapped = 0
+    expert_schemes: dict[str, dict[str, tuple]] = {}  # "model.layers.L.mlp" -> {proj: (bits, group, sym)}
+    scale_dtypes: dict[str, object] = {}
+    for name, shape in candidate_modules(cfg):
+        prefixes = expert_prefixes(name, cfg.moe_num_experts if len(shape) == 3 else 0)
+        schemes = {_scheme(qconfig, reader, p, shape[-1]) for p in prefixes}
+        if schemes == {None}:
+            continue
+        if len(schemes) > 1:
+            raise QuantkitError(f"{name}: members of one weight are stored with different schemes")
+        bits, group, sym, sdtype = schemes.pop()
+        parent_name, _, leaf = name.rpartition(".")
+        if len(shape) == 3:  # parent_name = model.layers.L.mlp.experts
+            mlp = parent_name.rpartition(".")[0]
+            expert_schemes.setdefault(mlp, {})[leaf] = (bits, group, sym)
+            scale_dtypes[mlp] = sdtype
+        else:
+            parent = model.get_submodule(parent_name)
+            bias = getattr(parent, leaf).bias is not None
+            setattr(parent, leaf, QuantLinear(shape[1], shape[0], bits, group, sym, sdtype, bias=bias))
+        swapped += 1
+    for mlp, schemes in expert_schemes.items():
+        model.get_submodule(mlp).experts = QuantExperts(
+            cfg.moe_num_experts, cfg.hidden_size, cfg.moe_intermediate_size, schemes, scale_dtypes[mlp])
+    return swapped

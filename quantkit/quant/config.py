@@ -1,0 +1,234 @@
+"""Quantization configs: a ``Rule`` per weight, a ``Recipe`` of ordered (regex -> rule) pairs, and the ``Plan``.
+
+Module names are the in-memory ones: ``model.layers.3.self_attn.q_proj``, ``model.layers.3.mlp.gate_proj``
+(dense MLP), ``model.layers.3.mlp.shared_experts.up_proj``, and ``model.layers.3.mlp.experts.down_proj``
+for all routed experts of a layer at once (3-D, ``[E, N, K]``). A rule's pattern is a Python regex
+searched in that name (``re.search``); the first matching rule wins; a module that matches no rule or
+matches an ``ignore`` pattern stays unquantized.
+
+Never quantized, whatever the recipe says (they are not candidates at all): the router ``mlp.gate``,
+``moe_statics``, embeddings, norms and the (tied) ``lm_head``.
+
+Group-size fallback: a group must divide the input dim K for the formats servers read. Where the
+requested group does not, the largest power of two below it that divides K (and is at least 8) is used,
+and the plan records it per module (``Plan.entries[i].note``). If none exists the plan is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from quantkit.errors import UsageError
+from quantkit.model.config import ErnieMoeConfig
+
+CONFIG_VERSION = 1
+BITS = (2, 3, 4, 8)
+GROUP_SIZES = (32, 64, 128, None)  # None = one group per output channel ("channel" strategy)
+METHODS = ("rtn",)
+
+
+@dataclass(frozen=True)
+class Rule:
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = True
+    method: str = "rtn"
+    clip_search: bool = False  # MSE-optimal clipping per group (as HQQ/AWQ search the range)
+
+    def __post_init__(self):
+        if self.bits not in BITS:
+            raise UsageError(f"bits must be one of {BITS}, got {self.bits}")
+        if self.group_size not in GROUP_SIZES:
+            raise UsageError(f"group size must be one of 32, 64, 128 or per-channel, got {self.group_size}")
+        if self.method not in METHODS:
+            raise UsageError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+
+    @property
+    def label(self) -> str:
+        g = "ch" if self.group_size is None else f"g{self.group_size}"
+        return f"w{self.bits}{g}-{'sym' if self.symmetric else 'asym'}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Rule":
+        known = {"bits", "group_size", "symmetric", "method", "clip_search"}
+        unknown = set(d) - known - {"pattern"}
+        if unknown:
+            raise UsageError(f"recipe rule has unknown key(s): {', '.join(sorted(unknown))}")
+        gs = d.get("group_size", 128)
+        if gs in ("channel", -1, 0):
+            gs = None
+        return cls(**{**{k: v for k, v in d.items() if k in known}, "group_size": gs})
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    rules: tuple[tuple[str, Rule], ...]
+    ignore: tuple[str, ...] = ()
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self):
+        for pat in (*[p for p, _ in self.rules], *self.ignore):
+            try:
+                re.compile(pat)
+            except re.error as e:
+                raise UsageError(f"recipe {self.name!r}: bad regex {pat!r} ({e})") from None
+        if not self.rules:
+            raise UsageError(f"recipe {self.name!r} has no rules")
+
+    def rule_for(self, module: str) -> Rule | None:
+        if any(re.search(p, module) for p in self.ignore):
+            return None
+        return next((r for p, r in self.rules if re.search(p, module)), None)
+
+    def with_method(self, method: str | None = None, clip_search: bool | None = None) -> "Recipe":
+        def upd(r: Rule) -> Rule:
+            return replace(r, method=method or r.method, clip_search=r.clip_search if clip_search is None else clip_search)
+
+        return replace(self, rules=tuple((p, upd(r)) for p, r in self.rules))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "version": self.version, "ignore": list(self.ignore),
+                "rules": [{"pattern": p, **r.to_dict()} for p, r in self.rules]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        if not isinstance(d, dict) or not isinstance(d.get("rules"), list):
+            raise UsageError("a recipe must be an object with a 'rules' list")
+        if d.get("version", CONFIG_VERSION) > CONFIG_VERSION:
+            raise UsageError(f"recipe version {d['version']} is newer than this quantkit understands ({CONFIG_VERSION})")
+        rules = []
+        for r in d["rules"]:
+            if not isinstance(r, dict) or "pattern" not in r:
+                raise UsageError("each recipe rule needs a 'pattern'")
+            rules.append((r["pattern"], Rule.from_dict(r)))
+        return cls(name=str(d.get("name", "custom")), rules=tuple(rules), ignore=tuple(d.get("ignore", ())))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix.lower() in (".yaml", ".yml"):
+                import yaml
+
+                d = yaml.safe_load(text)
+            else:
+                d = json.loads(text)
+        except Exception as e:  # json/yaml syntax errors: one line
+            raise UsageError(f"{path}: cannot parse recipe ({str(e).splitlines()[0]})") from None
+        return cls.from_dict(d)
+
+
+def simple_recipe(bits: int, group_size: int | None, symmetric: bool, name: str | None = None) -> Recipe:
+    rule = Rule(bits=bits, group_size=group_size, symmetric=symmetric)
+    return Recipe(name=name or rule.label, rules=((".*", rule),))
+
+
+BUILTIN_RECIPES = {
+    "w4g128": simple_recipe(4, 128, True, "w4g128"),
+    "w4g128-asym": simple_recipe(4, 128, False, "w4g128-asym"),
+    "w3g128": simple_recipe(3, 128, False, "w3g128"),
+    "w2g64": simple_recipe(2, 64, False, "w2g64"),
+    "w8": simple_recipe(8, None, True, "w8"),
+}
+
+
+def get_recipe(name_or_path: str) -> Recipe:
+    if name_or_path in BUILTIN_RECIPES:
+        return BUILTIN_RECIPES[name_or_path]
+    p = Path(name_or_path)
+    if p.is_file():
+        return Recipe.from_file(p)
+    raise UsageError(f"unknown recipe {name_or_path!r}: use one of {', '.join(BUILTIN_RECIPES)} or a .json/.yaml file")
+
+
+# -- the plan: which module gets which rule ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class PlanEntry:
+    module: str
+    shape: tuple[int, ...]  # (N, K) or (E, N, K) for routed experts
+    rule: Rule  # as requested by the recipe
+    group_size: int  # effective: the fallback where needed; K for per-channel
+    note: str = ""
+
+    @property
+    def is_experts(self) -> bool:
+        return len(self.shape) == 3
+
+
+@dataclass(frozen=True)
+class Plan:
+    recipe: Recipe
+    entries: tuple[PlanEntry, ...]
+    unquantized: tuple[str, ...] = field(default=())
+
+    def entry(self, module: str) -> PlanEntry | None:
+        return next((e for e in self.entries if e.module == module), None)
+
+
+def effective_group(group: int | None, k: int) -> tuple[int, str]:
+    if group is None:
+        return k, ""
+    if k % group == 0:
+        return group, ""
+    g = group // 2
+    while g >= 8:
+        if k % g == 0:
+            return g, f"group {group} does not divide K={k}: using {g}"
+        g //= 2
+    raise UsageError(f"no power-of-two group size <= {group} divides K={k}")
+
+
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def candidate_modules(cfg: ErnieMoeConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every weight that may be quantized, in checkpoint order."""
+    H, D = cfg.hidden_size, cfg.head_dim
+    out = []
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        out += [(f"{p}.self_attn.q_proj", (cfg.num_attention_heads * D, H)), (f"{p}.self_attn.k_proj", (cfg.num_key_value_heads * D, H)),
+                (f"{p}.self_attn.v_proj", (cfg.num_key_value_heads * D, H)), (f"{p}.self_attn.o_proj", (H, cfg.num_attention_heads * D))]
+        if not cfg.is_moe_layer(i):
+            I = cfg.intermediate_size
+            out += [(f"{p}.mlp.gate_proj", (I, H)), (f"{p}.mlp.up_proj", (I, H)), (f"{p}.mlp.down_proj", (H, I))]
+            continue
+        E, I = cfg.moe_num_experts, cfg.moe_intermediate_size
+        if cfg.moe_num_shared_experts:
+            S = I * cfg.moe_num_shared_experts
+            out += [(f"{p}.mlp.shared_experts.gate_proj", (S, H)), (f"{p}.mlp.shared_experts.up_proj", (S, H)),
+                    (f"{p}.mlp.shared_experts.down_proj", (H, S))]
+        out += [(f"{p}.mlp.experts.gate_proj", (E, I, H)), (f"{p}.mlp.experts.up_proj", (E, I, H)), (f"{p}.mlp.experts.down_proj", (E, H, I))]
+    return out
+
+
+def make_plan(cfg: ErnieMoeConfig, recipe: Recipe) -> Plan:
+    """Resolve the recipe against the model; validate that fused groups (q/k/v, gate/up) share one rule."""
+    entries, unquantized = [], []
+    for name, shape in candidate_modules(cfg):
+        rule = recipe.rule_for(name)
+        if rule is None:
+            unquantized.append(name)
+            continue
+        g, note = effective_group(rule.group_size, shape[-1])
+        entries.append(PlanEntry(name, shape, rule, g, note))
+    by_name = {e.module: e for e in entries}
+    for name, _ in candidate_modules(cfg):
+        stem, _, leaf = name.rpartition(".")
+        for group in FUSED:
+            if leaf != group[0]:
+                continue
+            members = [f"{stem}.{m}" for m in group]
+            kinds = {(by_name[m].rule.bits, by_name[m].group_size, by_name[m].rule.symmetric) if m in by_name else None for m in members}
+            if len(kinds) > 1:
+                raise UsageError(f"recipe {recipe.name!r}: {', '.join(members)} are loaded fused by servers and must share one rule")
+    return Plan(recipe, tuple(entries), tuple(unquantized))

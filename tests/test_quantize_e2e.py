@@ -1,0 +1,136 @@
+"""quantize -> load -> run: exact dequant parity, checksums, crash safety, CLI and inspect."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import quantkit
+from quantkit.nn.quantized import PackedWeight, QuantExperts, QuantLinear
+from quantkit.pipeline.quantize import QuantizeOptions, quantize
+from quantkit.quant.config import BUILTIN_RECIPES
+
+QUIET = QuantizeOptions(progress=False)
+
+
+@pytest.fixture(scope="module")
+def q4(tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "w4"
+    quantize("random:ernie-tiny", out, BUILTIN_RECIPES["w4g128-asym"], QUIET)
+    return out
+
+
+def dequantized_reference(qmodel, src):
+    """The fp model with every quantized weight replaced by its dequantization (in fp32)."""
+    ref = quantkit.load(src)
+    qmods = dict(qmodel.named_modules())
+    with torch.no_grad():
+        for name, mod in ref.named_modules():
+            q = qmods.get(name)
+            if isinstance(q, QuantLinear):
+                mod.weight.copy_(q.weight(torch.float32))
+            elif isinstance(q, QuantExperts):
+                for proj in ("gate_proj", "up_proj", "down_proj"):
+                    if isinstance(getattr(q, proj), PackedWeight):
+                        getattr(mod, proj).copy_(getattr(q, proj).weight(torch.float32))
+    return ref
+
+
+@pytest.mark.parametrize("recipe", ["w4g128", "w4g128-asym", "w3g128", "w2g64"])
+def test_quantized_logits_equal_fp_model_with_dequantized_weights(tmp_path, recipe):
+    out = tmp_path / recipe
+    report = quantize("random:ernie-tiny", out, BUILTIN_RECIPES[recipe], QUIET)
+    q = quantkit.load(out)
+    assert sum(isinstance(m, QuantLinear) for m in q.modules()) == 3 * 4 + 1 * 3 + 2 * 3  # attn, dense mlp, shared
+    assert sum(isinstance(m, QuantExperts) for m in q.modules()) == 2
+    ref = dequantized_reference(q, "random:ernie-tiny")
+    ids = torch.randint(0, 320, (2, 19), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (q(ids) - ref(ids)).abs().max().item() <= 1e-5
+    assert report["quantized_weights"] > 0.85 * report["total_weights"]
+    bits = {"w4g128": 4, "w4g128-asym": 4, "w3g128": 3, "w2g64": 2}[recipe]
+    assert bits < report["bits_per_weight_quantized"] < bits + 1.2  # + fp32 scales (and zeros) per group of 64
+
+
+def test_output_layout(q4):
+    files = sorted(p.name for p in q4.iterdir())
+    assert files == ["config.json", "model.safetensors", "quantize_report.json", "quantkit.json", "tokenizer.json", "tokenizer_config.json"]
+    qc = json.loads((q4 / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    assert "lm_head" in qc["ignore"]
+    from safetensors import safe_open
+
+    with safe_open(q4 / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.1.mlp.experts.7.down_proj.weight_packed" in keys  # per-expert Hub names
+    assert "model.layers.1.mlp.gate.weight" in keys and "model.layers.1.mlp.moe_statics.e_score_correction_bias" in keys
+    assert not any(k.endswith(".weight") and "proj" in k for k in keys)
+
+
+def test_sharded_output_loads_the_same(tmp_path, q4):
+    quantize("random:ernie-tiny", tmp_path / "s", BUILTIN_RECIPES["w4g128-asym"], QuantizeOptions(max_shard_bytes=50_000, progress=False))
+    assert len(list((tmp_path / "s").glob("model-*-of-*.safetensors"))) > 3
+    ids = torch.arange(30)[None]
+    assert torch.equal(quantkit.load(tmp_path / "s")(ids), quantkit.load(q4)(ids))
+
+
+def test_corrupt_and_truncated_shards_are_caught(tmp_path, q4):
+    bad = tmp_path / "bad"
+    shutil.copytree(q4, bad)
+    f = bad / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-10] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(quantkit.QuantkitError, match="sha256 mismatch"):
+        quantkit.load(bad)
+    quantkit.load(bad, verify=False)  # the user may skip the check
+    f.write_bytes(bytes(data[:-64]))
+    with pytest.raises(quantkit.QuantkitError, match="truncated"):
+        quantkit.load(bad, verify=False)
+
+
+def test_a_crash_leaves_nothing_that_looks_like_a_checkpoint(tmp_path, monkeypatch):
+    import quantkit.pipeline.quantize as pipeline
+
+    calls = {"n": 0}
+    real = pipeline.rtn
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 20:
+            raise RuntimeError("boom")
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "rtn", flaky)
+    with pytest.raises(RuntimeError, match="boom"):
+        quantize("random:ernie-tiny", tmp_path / "out", BUILTIN_RECIPES["w4g128"], QUIET)
+    assert list(tmp_path.iterdir()) == []
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "quantkit.cli", *args], capture_output=True, text=True, env=dict(os.environ))
+
+
+def test_cli_quantize_eval_inspect(tmp_path):
+    out = tmp_path / "o"
+    r = run_cli("quantize", "random:ernie-tiny", "-o", str(out), "--recipe", "w4g128")
+    assert r.returncode == 0, r.stderr
+    assert "bits/weight" in r.stdout and (out / "quantize_report.json").exists()
+    r = run_cli("quantize", "random:ernie-tiny", "-o", str(out), "--bits", "2")
+    assert r.returncode == 2 and "not empty" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("quantize", "random:ernie-tiny", "-o", str(out), "--bits", "2", "--group-size", "64", "--force")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "quantize_report.json").read_text())["recipe"] == "w2g64-asym"
+    (tmp_path / "t.txt").write_text("some words to score " * 50)
+    r = run_cli("eval", "perplexity", str(out), "--data", str(tmp_path / "t.txt"), "--seq-len", "128", "--max-windows", "2")
+    assert r.returncode == 0 and "perplexity" in r.stdout, r.stderr
+    r = run_cli("inspect", str(out))
+    assert r.returncode == 0 and "int2 g64 asym" in r.stdout and "mlp.gate (float32)" in r.stdout
+    r = run_cli("quantize", str(out), "-o", str(tmp_path / "again"))
+    assert r.returncode == 2 and "already quantized" in r.stderr
+    r = run_cli("quantize", "random:ernie-tiny", "-o", str(tmp_path / "x"), "--recipe", "nope")
+    assert r.returncode == 2 and "unknown recipe" in r.stderr
