@@ -64,7 +64,7 @@ class ShardWriter:
         if self.pending or not self.shards:
             self._flush()
         n = len(self.shards)
-        names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        names = shard_names(n)
         for tmp, final in zip(self.shards, names):
             (self.out / tmp).rename(self.out / final)
         if n > 1:
