@@ -1,0 +1,106 @@
+"""GPTQ (Frantar et al., 2022) as a pure tensor function on the same grid as RTN.
+
+    gptq(w, H, bits, group_size, symmetric) -> QTensor
+
+w: ``[N, K]`` or ``[E, N, K]`` (experts, batched); H: ``[K, K]`` or ``[E, K, K]`` = Σ xᵀx over calibration
+inputs. Columns are quantized one at a time; each column's rounding error is spread over the columns
+not yet quantized through the inverse Hessian's Cholesky factor (lazy, blocked updates). Dampening adds
+``damp`` × mean(diag H) to the diagonal; a failed Cholesky retries with ten times the dampening.
+
+Group scales/zeros are found when the column loop reaches a group's first column, from the weights as
+they are then (already corrected by earlier columns). With ``act_order`` the columns are visited in
+order of decreasing diag(H) but the groups stay the contiguous static ones of the packed format (their
+grids fixed up front from the original weights), so no ``g_idx`` is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantkit.quant.qtensor import QTensor
+from quantkit.quant.rtn import grid_for_range, quantize_to_grid, rtn
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float, retries: int = 4) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)^-1, batched; λ grows tenfold on failure."""
+    diag_mean = torch.diagonal(H, dim1=-2, dim2=-1).mean(-1)
+    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+    for attempt in range(retries + 1):
+        lam = damp * (10 ** attempt) * diag_mean
+        L, info = torch.linalg.cholesky_ex(H + lam[..., None, None] * eye)
+        if not bool(info.any()):
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if not bool(info.any()):
+                return U
+    raise RuntimeError(f"GPTQ: Hessian not positive definite even with dampening {damp * 10 ** retries}")
+
+
+def gptq(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool, *, block_size: int = 128,
+         damp: float = 0.01, act_order: bool = False, scale_dtype: torch.dtype | None = None) -> QTensor:
+    """Quantize ``w`` [.., N, K] with Hessian ``H`` [.., K, K] onto the grouped grid; see the module doc."""
+    squeeze = w.dim() == 2
+    if squeeze:
+        w, H = w[None], H[None]
+    E, N, K = w.shape
+    assert H.shape == (E, K, K), (w.shape, H.shape)
+    assert K % group_size == 0, (K, group_size)
+    scale_dtype = scale_dtype or (w.dtype if w.dtype.is_floating_point else torch.float32)
+    G = K // group_size
+    W = w.float().clone()
+    H = H.float().clone()
+
+    dead = torch.diagonal(H, dim1=-2, dim2=-1) == 0  # inputs never seen: weight irrelevant, fix H
+    H[dead.nonzero(as_tuple=True)[0], dead.nonzero(as_tuple=True)[1], dead.nonzero(as_tuple=True)[1]] = 1.0
+    W.masked_fill_(dead[:, None, :], 0.0)
+
+    scales = torch.empty(E, N, G, dtype=scale_dtype, device=w.device)
+    zeros = None if symmetric else torch.empty(E, N, G, dtype=torch.float32, device=w.device)
+    if act_order:  # static groups from the original weights, then visit columns by decreasing diag(H)
+        static = rtn(W, bits, group_size, symmetric, scale_dtype=scale_dtype)
+        scales.copy_(static.scales)
+        if zeros is not None:
+            zeros.copy_(static.zeros.float())
+        perm = torch.argsort(torch.diagonal(H, dim1=-2, dim2=-1), dim=-1, descending=True)
+        W = torch.gather(W, 2, perm[:, None, :].expand(E, N, K))
+        H = torch.gather(torch.gather(H, 1, perm[:, :, None].expand(E, K, K)), 2, perm[:, None, :].expand(E, K, K))
+    else:
+        perm = None
+
+    U = _inverse_cholesky(H, damp)
+    Q = torch.empty_like(W)
+    for i1 in range(0, K, block_size):
+        i2 = min(i1 + block_size, K)
+        W1, U1 = W[:, :, i1:i2].clone(), U[:, i1:i2, i1:i2]
+        Err1 = torch.empty_like(W1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if perm is None:
+                g = col // group_size
+                if col % group_size == 0:  # the group's grid from the weights as they are now
+                    chunk = torch.cat([W1[:, :, i:i + group_size], W[:, :, i2:col + group_size]], dim=-1)
+                    s, z = grid_for_range(chunk.amin(-1), chunk.amax(-1), bits, symmetric, scale_dtype)
+                    scales[:, :, g] = s
+                    if zeros is not None:
+                        zeros[:, :, g] = z
+                s_col, z_col = scales[:, :, g], None if zeros is None else zeros[:, :, g]
+            else:  # column ``col`` of the permuted order belongs to static group perm[:, col] // group_size
+                g_idx = (perm[:, col] // group_size)[:, None, None].expand(E, N, 1)
+                s_col = torch.gather(scales, 2, g_idx).squeeze(-1)
+                z_col = None if zeros is None else torch.gather(zeros, 2, g_idx).squeeze(-1)
+            x = W1[:, :, i]
+            q = quantize_to_grid(x, s_col, z_col, bits)
+            Q[:, :, col] = q
+            deq = (q - (z_col if z_col is not None else 0)) * s_col.float()
+            err = (x - deq) / U1[:, i, i][:, None]
+            W1[:, :, i:] -= err[:, :, None] * U1[:, i, None, i:]
+            Err1[:, :, i] = err
+        W[:, :, i2:] -= Err1 @ U[:, i1:i2, i2:]
+
+    if perm is not None:  # back to the original column order
+        inv = torch.argsort(perm, dim=-1)
+        Q = torch.gather(Q, 2, inv[:, None, :].expand(E, N, K))
+    qt = QTensor(Q.to(torch.int8), scales, None if zeros is None else zeros.to(torch.int8), bits, group_size)
+    if squeeze:
+        qt = QTensor(qt.codes[0], qt.scales[0], None if qt.zeros is None else qt.zeros[0], bits, group_size)
+    return qt
