@@ -89,15 +89,25 @@ def _parse_size(text: str) -> int:
 @click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default=None, help="simple case instead of --recipe")
 @click.option("--group-size", default="128", show_default=True, help="32, 64, 128 or channel")
 @click.option("--sym/--asym", default=None, help="symmetric (default for 4/8 bits) or asymmetric (default for 2/3 bits)")
-@click.option("--method", type=click.Choice(["rtn"]), default="rtn", show_default=True)
+@click.option("--method", type=click.Choice(["rtn", "gptq"]), default="rtn", show_default=True)
 @click.option("--clip-search", is_flag=True, help="MSE-optimal clipping per group (slower, lower error)")
+@click.option("--calib", "calib_data", default=None, help="calibration DATA (default: sotu:train+peoples-daily:train)")
+@click.option("--calib-samples", default=128, show_default=True, type=int, help="calibration windows")
+@click.option("--calib-seq-len", default=2048, show_default=True, type=int, help="tokens per calibration window")
+@click.option("--expert-calibration", type=click.Choice(["routed", "all"]), default="routed", show_default=True,
+              help="routed: experts see their routed tokens; all: every token reaches every expert's statistics")
+@click.option("--prob-weighted", is_flag=True, help="weight each token's Hessian contribution by its routing weight")
+@click.option("--min-expert-tokens", default=8, show_default=True, type=int, help="below this an expert falls back to RTN")
+@click.option("--seed", default=0, show_default=True, type=int)
 @DEVICE
 @click.option("--max-shard-size", default="4GB", show_default=True)
 @click.option("--force", is_flag=True, help="replace a non-empty output directory")
 @_friendly
-def quantize_cmd(src, out, recipe, bits, group_size, sym, method, clip_search, device, max_shard_size, force):
+def quantize_cmd(src, out, recipe, bits, group_size, sym, method, clip_search, calib_data, calib_samples, calib_seq_len,
+                 expert_calibration, prob_weighted, min_expert_tokens, seed, device, max_shard_size, force):
     """Quantize SRC into a compressed-tensors checkpoint at OUTPUT (streams one layer at a time)."""
-    from quantkit.pipeline.quantize import QuantizeOptions, format_summary, quantize
+    from quantkit.calib.data import DEFAULT_CALIB
+    from quantkit.pipeline.quantize import CalibOptions, QuantizeOptions, format_summary, quantize
     from quantkit.quant.config import get_recipe, simple_recipe
 
     if recipe and bits:
@@ -110,7 +120,10 @@ def quantize_cmd(src, out, recipe, bits, group_size, sym, method, clip_search, d
     else:
         r = get_recipe(recipe or "w4g128")
     r = r.with_method(method, clip_search or None)
-    report = quantize(src, out, r, QuantizeOptions(device=device, max_shard_bytes=_parse_size(max_shard_size), force=force))
+    calib = CalibOptions(data=calib_data or DEFAULT_CALIB, samples=calib_samples, seq_len=calib_seq_len, seed=seed,
+                         expert_calibration=expert_calibration, prob_weighted=prob_weighted, min_expert_tokens=min_expert_tokens)
+    report = quantize(src, out, r, QuantizeOptions(device=device, max_shard_bytes=_parse_size(max_shard_size), force=force,
+                                                   calib=calib))
     click.echo(format_summary(report))
 
 

@@ -152,8 +152,15 @@ class Experts(nn.Module):
         """x [n, K] @ W_e^T for projection ``name`` of expert e -> [n, N]."""
         return F.linear(x, getattr(self, name)[e])
 
-    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return self.project(e, "down_proj", F.silu(self.project(e, "gate_proj", x)) * self.project(e, "up_proj", x))
+    # Calibration sets ``observer(e, x, h, w)`` to see, per expert, its inputs x [n, H], its down_proj
+    # inputs h [n, I] and the tokens' routing weights w [n]; None in normal use.
+    observer = None
+
+    def expert_forward(self, e: int, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        h = F.silu(self.project(e, "gate_proj", x)) * self.project(e, "up_proj", x)
+        if self.observer is not None:
+            self.observer(e, x, h, weights)
+        return self.project(e, "down_proj", h)
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], topk_ids/topk_weights [T, k] -> Σ_k w·expert(x) [T, H]."""
@@ -163,7 +170,8 @@ class Experts(nn.Module):
             if n == 0:
                 continue
             tok, slot = torch.where(topk_ids == e)
-            y = self.expert_forward(e, x[tok]) * topk_weights[tok, slot, None].to(x.dtype)
+            w = topk_weights[tok, slot]
+            y = self.expert_forward(e, x[tok], w) * w[:, None].to(x.dtype)
             out.index_add_(0, tok, y.to(out.dtype))
         return out
 

@@ -21,11 +21,32 @@ from quantkit.errors import UsageError
 from quantkit.format import compressed_tensors as fmt
 from quantkit.format.writer import CheckpointWriter, TensorSpec
 from quantkit.model.loader import FP32_PARAMS, Checkpoint, default_dtype, model_tensors, source_names, stream_layers
+from quantkit.calib.capture import EXPERT_CALIBRATION, capture_layer
+from quantkit.calib.data import DEFAULT_CALIB, calibration_windows
+from quantkit.pipeline.layer_quant import quantize_layer
 from quantkit.quant.config import Plan, PlanEntry, Recipe, make_plan
-from quantkit.quant.rtn import rtn
 from quantkit.sources import resolve
+from quantkit.tokenizer import Tokenizer
 
 REPORT_FILE = "quantize_report.json"
+
+
+@dataclass(frozen=True)
+class CalibOptions:
+    data: str = DEFAULT_CALIB
+    samples: int = 128
+    seq_len: int = 2048
+    seed: int = 0
+    batch_size: int = 4  # windows per forward call
+    expert_calibration: str = "routed"  # or "all"
+    prob_weighted: bool = False
+    min_expert_tokens: int = 8
+
+    def __post_init__(self):
+        if self.expert_calibration not in EXPERT_CALIBRATION:
+            raise UsageError(f"--expert-calibration must be one of {', '.join(EXPERT_CALIBRATION)}")
+        if self.min_expert_tokens < 0 or self.batch_size < 1:
+            raise UsageError("--min-expert-tokens must be >= 0 and the batch size >= 1")
 
 
 @dataclass(frozen=True)
@@ -34,6 +55,7 @@ class QuantizeOptions:
     max_shard_bytes: int = 4_000_000_000
     force: bool = False
     progress: bool = True
+    calib: CalibOptions = CalibOptions()
 
 
 def planned_module(param: str, plan: Plan) -> PlanEntry | None:
@@ -78,31 +100,57 @@ def quantize(src: str, out: str | Path, recipe: Recipe, options: QuantizeOptions
                        for s in fmt.linear_specs(p, *e.shape[-2:], e.rule.bits, e.group_size, e.rule.symmetric, dtype)}
     stats["quantized_bytes"] = sum(s.nbytes for s in specs if s.name in quantized_names)
 
+    calibrated = any(e.rule.method != "rtn" for e in plan.entries)
+    copt = options.calib
+    hidden = cos = sin = None
+    if calibrated:
+        windows = calibration_windows(copt.data, Tokenizer(path), copt.samples, copt.seq_len, copt.seed)
+        embed = ckpt.read_param("model.embed_tokens.weight", torch.float32).to(options.device)
+        hidden = [torch.nn.functional.embedding(windows[i:i + copt.batch_size].to(options.device), embed)
+                  for i in range(0, len(windows), copt.batch_size)]
+        del embed
+        cos, sin = ckpt.skeleton.rope(0, copt.seq_len, "cpu")
+        cos, sin = cos.to(options.device), sin.to(options.device)
+    layer_reports = []
+
     with CheckpointWriter(out, specs, max_shard_bytes=options.max_shard_bytes, force=options.force,
                           metadata={"quantkit_format": fmt.FORMAT_NAME}) as writer:
-        def emit(name: str, t: torch.Tensor) -> None:
+        def write_plain(name: str, t: torch.Tensor) -> None:
             stats["total_weights"] += t.numel()
-            entry = planned_module(name, plan)
-            if entry is None:
-                disk = source_names(name, cfg)
-                parts = [t] if len(disk) == 1 else list(t)
-                for d, part in zip(disk, parts):
-                    writer.write(d, part.reshape(writer.shards.where[d][2].shape))
-                return
-            stats["quantized_weights"] += t.numel()
-            members = list(t) if entry.is_experts else [t]
-            for prefix, w in zip(fmt.expert_prefixes(entry.module, len(members) if entry.is_experts else 0), members):
-                qt = rtn(w.to(options.device), entry.rule.bits, entry.group_size, entry.rule.symmetric,
-                         clip_search=entry.rule.clip_search, scale_dtype=dtype)
-                for k, v in fmt.linear_tensors(prefix, qt).items():
-                    writer.write(k, v)
+            disk = source_names(name, cfg)
+            parts = [t] if len(disk) == 1 else list(t)
+            for d, part in zip(disk, parts):
+                spec = writer.shards.where[d][2]
+                writer.write(d, part.reshape(spec.shape).to(spec.dtype))
 
         for name in ("model.embed_tokens.weight", "model.norm.weight") + (() if cfg.tie_word_embeddings else ("lm_head.weight",)):
-            emit(name, ckpt.read_param(name, dtype))
+            write_plain(name, ckpt.read_param(name, dtype))
         bar = tqdm(total=cfg.num_hidden_layers, desc="quantize", unit="layer", disable=not options.progress, file=sys.stderr)
-        for idx, layer in stream_layers(ckpt, device="cpu", dtype=dtype):
+        compute_dtype = torch.float32 if calibrated else dtype
+        for idx, layer in stream_layers(ckpt, device=options.device, dtype=compute_dtype):
+            prefix = f"model.layers.{idx}"
+            entries = [e for e in plan.entries if e.module.startswith(prefix + ".")]
+            cap = None
+            if calibrated:
+                cap = capture_layer(layer, hidden, cos, sin, expert_calibration=copt.expert_calibration,
+                                    prob_weighted=copt.prob_weighted)
+            res = quantize_layer(layer, prefix, entries, cap, scale_dtype=dtype, min_expert_tokens=copt.min_expert_tokens,
+                                 expert_calibration=copt.expert_calibration)
             for name, t in model_tensors(layer):
-                emit(f"model.layers.{idx}.{name}", t)
+                full = f"{prefix}.{name}"
+                entry = planned_module(full, plan)
+                if entry is None:
+                    write_plain(full, t)
+                    continue
+                stats["total_weights"] += t.numel()
+                stats["quantized_weights"] += t.numel()
+                for k, v in fmt.module_tensors(entry.module, res.qtensors[entry.module[len(prefix) + 1:]]).items():
+                    writer.write(k, v)
+            if calibrated:
+                with torch.no_grad():
+                    hidden = [layer(h, cos, sin) for h in hidden]  # the quantized layer feeds the next
+                layer_reports.append({"layer": idx, "errors": res.errors, "rtn_fallback_experts": res.rtn_fallback_experts,
+                                      "expert_tokens": None if cap.expert_tokens is None else cap.expert_tokens.tolist()})
             bar.update(1)
         bar.close()
 
@@ -127,6 +175,9 @@ def quantize(src: str, out: str | Path, recipe: Recipe, options: QuantizeOptions
             "bits_per_weight_overall": 8 * writer.shards.total_bytes / max(stats["total_weights"], 1),
             "size_bytes": size, "source_size_bytes": src_size, "shards": len(shards), "copied_files": copied,
             "fallbacks": [r for r in plan_rows if r["note"]], "unquantized": list(plan.unquantized),
+            "method": sorted({e.rule.method for e in plan.entries}),
+            "calibration": None if not calibrated else {**copt.__dict__, "tokens": copt.samples * copt.seq_len},
+            "layers": layer_reports,
         }
         writer.write_json(REPORT_FILE, report)
         writer.commit()

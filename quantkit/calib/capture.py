@@ -1,0 +1,127 @@
+"""Per-layer capture: what every linear of a decoder layer sees on the calibration tokens.
+
+For each input group of a layer we accumulate, in fp32 on the compute device:
+    H      = Σ w_t x_tᵀ x_t       the (optionally routing-weighted) Hessian GPTQ needs   [.., K, K]
+    absmax = Σ |x_t| / n          mean |activation| per input channel, AWQ's statistic   [.., K]
+Input groups (keys, relative to the layer): ``self_attn.q_proj`` (shared by q/k/v), ``self_attn.o_proj``,
+``mlp.gate_proj`` / ``mlp.down_proj`` (dense), ``mlp.shared_experts.gate_proj`` / ``.down_proj``,
+``mlp.experts.gate_proj`` ``[E, H, H]`` (shared by gate/up) and ``mlp.experts.down_proj`` ``[E, I, I]``.
+
+Routed experts: ``routed`` capture sees each expert's routed tokens only; ``all`` pushes every token
+through every expert for the statistics while the layer's output still uses the real routing, so no
+expert starves and the forward pass is unchanged. ``prob_weighted`` weights each token by its routing
+weight for that expert (renormalised top-k weight when routed, softmax probability with ``all``).
+``tokens[e]`` always counts the tokens the router actually sent to expert e.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from quantkit.model.layers import SparseMoeBlock
+
+EXPERT_CALIBRATION = ("routed", "all")
+SHARES_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+
+
+class Stat:
+    """Running Hessian and mean |x| for one input group, or E of them (``lead=(E,)``)."""
+
+    def __init__(self, k: int, device, lead: tuple[int, ...] = ()):
+        self.H = torch.zeros(*lead, k, k, dtype=torch.float32, device=device)
+        self.abs_sum = torch.zeros(*lead, k, dtype=torch.float32, device=device)
+        self.count = torch.zeros(lead, dtype=torch.float64, device=device)
+
+    def add(self, x: torch.Tensor, weights: torch.Tensor | None = None, index: int | None = None) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        if x.shape[0] == 0:
+            return
+        xw = x if weights is None else x * weights.reshape(-1, 1).float()
+        H, a, c = (self.H, self.abs_sum, self.count) if index is None else (self.H[index], self.abs_sum[index], self.count[index:index + 1])
+        H.addmm_(xw.T, x)
+        a.add_(x.abs().sum(0))
+        c.add_(x.shape[0])
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / self.count.clamp_min(1).to(self.abs_sum.dtype)[..., None]
+
+
+@dataclass
+class LayerCapture:
+    stats: dict[str, Stat] = field(default_factory=dict)
+    expert_tokens: torch.Tensor | None = None  # [E] int64, tokens routed to each expert
+
+    def stat_for(self, module: str) -> Stat:
+        """The input statistics of a module relative to the layer (``self_attn.k_proj`` -> q_proj's)."""
+        stem, _, leaf = module.rpartition(".")
+        return self.stats[f"{stem}.{SHARES_INPUT.get(leaf, leaf)}"]
+
+
+def _linear_hook(cap: LayerCapture, key: str, k: int, device):
+    cap.stats[key] = Stat(k, device)
+
+    def hook(_mod, args):
+        cap.stats[key].add(args[0])
+
+    return hook
+
+
+def capture_layer(layer, hidden: list[torch.Tensor], cos, sin, *, expert_calibration: str = "routed",
+                  prob_weighted: bool = False) -> LayerCapture:
+    """Run ``layer`` over every batch in ``hidden`` ([b, T, H] each), collecting statistics."""
+    if expert_calibration not in EXPERT_CALIBRATION:
+        raise ValueError(f"expert calibration must be one of {EXPERT_CALIBRATION}")
+    device = hidden[0].device
+    cap = LayerCapture()
+    handles = []
+    targets = {"self_attn.q_proj": layer.self_attn.q_proj, "self_attn.o_proj": layer.self_attn.o_proj}
+    mlp = layer.mlp
+    if isinstance(mlp, SparseMoeBlock):
+        if mlp.shared_experts is not None:
+            targets["mlp.shared_experts.gate_proj"] = mlp.shared_experts.gate_proj
+            targets["mlp.shared_experts.down_proj"] = mlp.shared_experts.down_proj
+    else:
+        targets["mlp.gate_proj"], targets["mlp.down_proj"] = mlp.gate_proj, mlp.down_proj
+    for key, mod in targets.items():
+        handles.append(mod.register_forward_pre_hook(_linear_hook(cap, key, mod.in_features, device)))
+
+    if isinstance(mlp, SparseMoeBlock):
+        ex = mlp.experts
+        E, I, Hd = ex.up_proj.shape  # [E, I, H]
+        cap.stats["mlp.experts.gate_proj"] = Stat(Hd, device, (E,))
+        cap.stats["mlp.experts.down_proj"] = Stat(I, device, (E,))
+        cap.expert_tokens = torch.zeros(E, dtype=torch.int64)
+
+        def on_block_input(_mod, args):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            ids, _ = mlp.route(x)
+            cap.expert_tokens += torch.bincount(ids.flatten().cpu(), minlength=E)
+            if expert_calibration == "all":
+                probs = F.softmax(F.linear(x.float(), mlp.gate.weight.float()), dim=-1)
+                for e in range(E):
+                    w = probs[:, e] if prob_weighted else None
+                    h = F.silu(ex.project(e, "gate_proj", x)) * ex.project(e, "up_proj", x)
+                    cap.stats["mlp.experts.gate_proj"].add(x, w, index=e)
+                    cap.stats["mlp.experts.down_proj"].add(h, w, index=e)
+
+        def observer(e, x, h, w):
+            if expert_calibration == "routed":
+                cap.stats["mlp.experts.gate_proj"].add(x, w if prob_weighted else None, index=e)
+                cap.stats["mlp.experts.down_proj"].add(h, w if prob_weighted else None, index=e)
+
+        handles.append(mlp.register_forward_pre_hook(on_block_input))
+        ex.observer = observer
+    try:
+        with torch.no_grad():
+            for h in hidden:
+                layer(h, cos, sin)
+    finally:
+        for h in handles:
+            h.remove()
+        if isinstance(mlp, SparseMoeBlock):
+            mlp.experts.observer = None
+    return cap

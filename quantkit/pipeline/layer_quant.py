@@ -1,0 +1,91 @@
+"""Quantize one materialised decoder layer per its plan entries, with or without calibration statistics.
+
+``quantize_layer`` returns the QTensors to write, leaves the layer holding the *dequantized* weights
+(so the next layer is calibrated on what the quantized model really computes, GPTQ's sequential mode),
+and measures each module's relative output error on the calibration inputs from the Hessian alone:
+    err = tr(ΔW H ΔWᵀ) / tr(W H Wᵀ),   ΔW = dequant(Q) - W
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from quantkit.calib.capture import LayerCapture
+from quantkit.quant.config import PlanEntry
+from quantkit.quant.gptq import gptq
+from quantkit.quant.qtensor import QTensor
+from quantkit.quant.rtn import rtn
+
+EXPERT_CHUNK = 8  # experts per batched GPTQ call (bounds the [chunk, K, K] working set)
+
+
+@dataclass
+class LayerResult:
+    qtensors: dict[str, QTensor] = field(default_factory=dict)  # by module name relative to the layer
+    errors: dict[str, float | list[float]] = field(default_factory=dict)
+    rtn_fallback_experts: list[int] = field(default_factory=list)
+
+
+def relative_error(w: torch.Tensor, deq: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) over the last two dims (batched over experts)."""
+    D = deq.float() - w.float()
+    num = ((D @ H) * D).sum((-2, -1))
+    den = ((w.float() @ H) * w.float()).sum((-2, -1)).clamp_min(1e-30)
+    return num / den
+
+
+def _quantize(entry: PlanEntry, w: torch.Tensor, H: torch.Tensor | None, scale_dtype, use_gptq: bool) -> QTensor:
+    """RTN or GPTQ of one module; 3-D experts in chunks so the fp32 working set stays small."""
+    r = entry.rule
+
+    def one(wc, Hc):
+        if use_gptq and Hc is not None:
+            return gptq(wc, Hc, r.bits, entry.group_size, r.symmetric, scale_dtype=scale_dtype)
+        return rtn(wc, r.bits, entry.group_size, r.symmetric, clip_search=r.clip_search, scale_dtype=scale_dtype)
+
+    if w.dim() == 2:
+        return one(w, H)
+    parts = [one(w[i:i + EXPERT_CHUNK], None if H is None else H[i:i + EXPERT_CHUNK]) for i in range(0, w.shape[0], EXPERT_CHUNK)]
+    return QTensor(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
+                   None if parts[0].zeros is None else torch.cat([p.zeros for p in parts]), r.bits, entry.group_size)
+
+
+def quantize_layer(layer, prefix: str, entries: list[PlanEntry], cap: LayerCapture | None, *,
+                   scale_dtype: torch.dtype, min_expert_tokens: int = 0, expert_calibration: str = "routed") -> LayerResult:
+    """Quantize ``layer``'s planned modules (``entries`` carry full names starting with ``prefix``)."""
+    res = LayerResult()
+    starving: list[int] = []
+    if cap is not None and cap.expert_tokens is not None and expert_calibration == "routed":
+        starving = [e for e, n in enumerate(cap.expert_tokens.tolist()) if n < min_expert_tokens]
+        if starving:
+            warnings.warn(f"{prefix}: experts {starving} saw fewer than {min_expert_tokens} calibration tokens; "
+                          "they fall back to RTN", stacklevel=2)
+        res.rtn_fallback_experts = starving
+    for entry in entries:
+        rel = entry.module[len(prefix) + 1:]
+        param = layer.get_parameter(rel if entry.is_experts else f"{rel}.weight")
+        w = param.data  # updated in place with the dequantized weights below
+        use_gptq = cap is not None and "gptq" in entry.rule.method
+        H = cap.stat_for(rel).H if cap is not None else None
+        qt = _quantize(entry, w, H, scale_dtype, use_gptq)
+        if entry.is_experts and starving and use_gptq:  # too few tokens for a trustworthy Hessian
+            fallback = rtn(w[starving], entry.rule.bits, entry.group_size, entry.rule.symmetric,
+                           clip_search=entry.rule.clip_search, scale_dtype=scale_dtype)
+            qt.codes[starving], qt.scales[starving] = fallback.codes, fallback.scales
+            if qt.zeros is not None:
+                qt.zeros[starving] = fallback.zeros
+        if cap is not None:  # measure, and leave the quantized weights in the layer for the next one
+            errs = []
+            for i in range(0, w.shape[0], EXPERT_CHUNK) if entry.is_experts else [None]:
+                sl = slice(None) if i is None else slice(i, i + EXPERT_CHUNK)
+                z = None if qt.zeros is None else qt.zeros[sl]
+                deq = QTensor(qt.codes[sl], qt.scales[sl], z, qt.bits, qt.group_size).dequantize(torch.float32)
+                errs.append(relative_error(w[sl], deq, H[sl]).reshape(-1))
+                w[sl] = deq.to(w.dtype)
+            err = torch.cat(errs)
+            res.errors[rel] = err.tolist() if entry.is_experts else float(err[0])
+        res.qtensors[rel] = qt
+    return res
