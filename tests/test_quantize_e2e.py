@@ -94,7 +94,7 @@ def test_corrupt_and_truncated_shards_are_caught(tmp_path, q4):
 
 
 def test_a_crash_leaves_nothing_that_looks_like_a_checkpoint(tmp_path, monkeypatch):
-    import quantkit.pipeline.quantize as pipeline
+    import quantkit.pipeline.layer_quant as pipeline
 
     calls = {"n": 0}
     real = pipeline.rtn
