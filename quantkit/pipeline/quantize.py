@@ -23,6 +23,7 @@ from quantkit.format.writer import CheckpointWriter, TensorSpec
 from quantkit.model.loader import FP32_PARAMS, Checkpoint, default_dtype, model_tensors, source_names, stream_layers
 from quantkit.calib.capture import EXPERT_CALIBRATION, capture_layer
 from quantkit.calib.data import DEFAULT_CALIB, calibration_windows
+from quantkit.pipeline.awq_apply import apply_awq
 from quantkit.pipeline.layer_quant import quantize_layer
 from quantkit.quant.config import Plan, PlanEntry, Recipe, make_plan
 from quantkit.sources import resolve
@@ -130,10 +131,12 @@ def quantize(src: str, out: str | Path, recipe: Recipe, options: QuantizeOptions
         for idx, layer in stream_layers(ckpt, device=options.device, dtype=compute_dtype):
             prefix = f"model.layers.{idx}"
             entries = [e for e in plan.entries if e.module.startswith(prefix + ".")]
-            cap = None
+            cap, awq_alphas = None, None
             if calibrated:
                 cap = capture_layer(layer, hidden, cos, sin, expert_calibration=copt.expert_calibration,
                                     prob_weighted=copt.prob_weighted)
+                if any("awq" in e.rule.method for e in entries):
+                    awq_alphas = apply_awq(layer, cap, {e.module[len(prefix) + 1:]: e for e in entries})
             res = quantize_layer(layer, prefix, entries, cap, scale_dtype=dtype, min_expert_tokens=copt.min_expert_tokens,
                                  expert_calibration=copt.expert_calibration)
             for name, t in model_tensors(layer):
@@ -149,7 +152,7 @@ def quantize(src: str, out: str | Path, recipe: Recipe, options: QuantizeOptions
             if calibrated:
                 with torch.no_grad():
                     hidden = [layer(h, cos, sin) for h in hidden]  # the quantized layer feeds the next
-                layer_reports.append({"layer": idx, "errors": res.errors, "rtn_fallback_experts": res.rtn_fallback_experts,
+                layer_reports.append({"layer": idx, "errors": res.errors, "awq_alpha": awq_alphas, "rtn_fallback_experts": res.rtn_fallback_experts,
                                       "expert_tokens": None if cap.expert_tokens is None else cap.expert_tokens.tolist()})
             bar.update(1)
         bar.close()

@@ -27,7 +27,7 @@ from quantkit.model.config import ErnieMoeConfig
 CONFIG_VERSION = 1
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128, None)  # None = one group per output channel ("channel" strategy)
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,10 @@ class Recipe:
     seq_len: int = 512  # ... of this many tokens, from sotu:train
     cluster_tokens: int = 4096  # tokens whose activation profiles the neuron clustering sees
     kmeans_iters: int = 15
+    em_iters: int = 20  # refinement of the clusters towards the energy captured by the top-k experts
     logit_spread: float = 0.05  # per-token std of the router logits (small: near-uniform top-k weights)
     ridge: float = 1e-3  # relative ridge of the router least squares
+    refit_ridge: float = 0.0  # > 0: refit all down_projs by least squares, shrunk towards the originals
     seed: int = 0
 
 
@@ -133,6 +135,22 @@ def _cluster_neurons(feat: torch.Tensor, E: int, iters: int, gen: torch.Generato
     return labels
 
 
+def _refine_clusters(energy: torch.Tensor, labels: torch.Tensor, E: int, k: int, iters: int) -> torch.Tensor:
+    """Hard-EM on the captured energy: energy [T, n] per token and neuron, labels [n] -> labels [n].
+
+    E-step: each token picks its k clusters of largest energy. M-step: each neuron moves (balanced) to
+    the cluster whose picking tokens hold most of its energy. Raises sum_t (energy in the picked clusters).
+    """
+    for _ in range(iters):
+        ce = torch.stack([energy[:, labels == e].sum(-1) for e in range(E)], 1)  # [T, E]
+        picked = torch.zeros_like(ce).scatter_(1, ce.topk(k, dim=-1).indices, 1.0)
+        new = _balanced_assign(energy.T @ picked, labels.numel() // E)
+        if torch.equal(new, labels):
+            break
+        labels = new
+    return labels
+
+
 def _fit_router(x: torch.Tensor, target: torch.Tensor, ridge: float) -> torch.Tensor:
     """Ridge least squares of centred log expert-output norms on the FFN input.
 
@@ -160,6 +178,23 @@ def _fit_scales(e_out: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, y: to
     return torch.linalg.solve(m + 1e-6 * m.diagonal().mean() * torch.eye(E), b)
 
 
+def _refit_downs(act, groups, idx, wts, y, downs, ridge: float) -> list[torch.Tensor]:
+    """Refit the down projections of the shared MLP and every expert jointly, routing fixed.
+
+    The MoE output is linear in them: y ~ X @ W with X [N, F] = shared activations next to each
+    expert's activations times its routing weight (0 where not chosen). Ridge towards the current
+    ``downs`` (weighted by diag(X^T X)) keeps it close to the real weights. Returns new downs.
+    """
+    N = act.shape[0]
+    wm = torch.zeros(N, len(groups) - 1).scatter_(1, idx, wts)  # [N, E] routing weight per expert
+    X = torch.cat([act[:, groups[0]]] + [act[:, g] * wm[:, e : e + 1] for e, g in enumerate(groups[1:])], 1)
+    w0 = torch.cat([d.T for d in downs], 0)  # [F, H]
+    xtx = X.T @ X
+    dg = xtx.diagonal() + 1e-6 * xtx.diagonal().mean()
+    W = torch.linalg.solve(xtx + ridge * torch.diag(dg), X.T @ y + ridge * dg[:, None] * w0)  # [F, H]
+    return list(W.T.split([len(g) for g in groups], dim=1))
+
+
 def _split_ffn(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor, r: Recipe, gen) -> tuple[dict, dict, torch.Tensor]:
     """Split a SwiGLU FFN into shared + routed experts and fit the router.
 
@@ -177,6 +212,7 @@ def _split_ffn(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Te
     routed = mask.nonzero().squeeze(1)  # [E * I]
     tok = torch.randperm(x.shape[0], generator=gen)[: r.cluster_tokens]
     labels = _cluster_neurons(size[tok][:, routed].T, E, r.kmeans_iters, gen)
+    labels = _refine_clusters(size[tok][:, routed].pow(2), labels, E, k, r.em_iters)
     experts = [routed[labels == e] for e in range(E)]  # neuron ids, [I] each
 
     y_shared = act[:, shared] @ wd[:, shared].T  # [N, H]
@@ -187,6 +223,9 @@ def _split_ffn(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Te
     bias = torch.zeros(E)
     idx, wts = _route(x, gate, bias, k)
     scales = _fit_scales(e_out, idx, wts, y - y_shared)
+    downs = [wd[:, shared]] + [wd[:, n] * scales[e] for e, n in enumerate(experts)]  # [H, I_*] each
+    if r.refit_ridge > 0:
+        downs = _refit_downs(act, [shared] + experts, idx, wts, y, downs, r.refit_ridge)
 
     bf = lambda t: t.to(torch.bfloat16).float()  # noqa: E731 - the weights as they will be stored
     t = {
@@ -194,12 +233,12 @@ def _split_ffn(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Te
         "moe_statics.e_score_correction_bias": bias[None].float(),
         "shared_experts.gate_proj.weight": bf(wg[shared]),
         "shared_experts.up_proj.weight": bf(wu[shared]),
-        "shared_experts.down_proj.weight": bf(wd[:, shared]),
+        "shared_experts.down_proj.weight": bf(downs[0]),
     }
     for e, n in enumerate(experts):
         t[f"experts.{e}.gate_proj.weight"] = bf(wg[n])
         t[f"experts.{e}.up_proj.weight"] = bf(wu[n])
-        t[f"experts.{e}.down_proj.weight"] = bf(wd[:, n] * scales[e])
+        t[f"experts.{e}.down_proj.weight"] = bf(downs[e + 1])
     y_moe = _moe_forward(x, t, E, k)
 
     oracle = e_norm.topk(k, dim=-1).indices

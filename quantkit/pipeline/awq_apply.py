@@ -1,0 +1,122 @@
+"""Apply AWQ-style scaling to a materialised decoder layer, using its calibration capture.
+
+Smoothing groups and where 1/s is folded (the fp model's outputs are unchanged by the folding):
+  input_layernorm          -> q, k, v
+  post_attention_layernorm -> dense gate/up, or shared experts' gate/up + all routed experts' gate/up
+                              (one shared s for the group, since it is folded into one norm; the fp32
+                              router reads the same input, so its columns get s too and routing is unchanged)
+  up_proj rows             -> down_proj columns (dense MLP, shared experts, and each routed expert)
+  v_proj rows              -> o_proj columns (v's channel c feeds every q head of its kv group)
+The capture's Hessians and mean |x| are rescaled in place, so GPTQ afterwards sees the scaled inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantkit.calib.capture import LayerCapture
+from quantkit.model.layers import SparseMoeBlock
+from quantkit.quant.awq import ALPHAS, scale_hessian, search_scale
+from quantkit.quant.config import PlanEntry
+from quantkit.quant.rtn import rtn
+
+
+def _quantizer(entry: PlanEntry):
+    r = entry.rule
+    return lambda w: rtn(w, r.bits, entry.group_size, r.symmetric, clip_search=r.clip_search, scale_dtype=torch.float32).dequantize()
+
+
+def _rescale_stat(cap: LayerCapture, key: str, s: torch.Tensor) -> None:
+    st = cap.stats[key]
+    st.H = scale_hessian(st.H, s)
+    st.abs_sum = st.abs_sum / s
+
+
+def apply_awq(layer, cap: LayerCapture, entries: dict[str, PlanEntry], alphas=ALPHAS) -> dict[str, float]:
+    """Search and fold the scales of every group whose members are all planned. Returns α per group."""
+    chosen: dict[str, float] = {}
+    attn, mlp = layer.self_attn, layer.mlp
+
+    def run(name, members, stat_key, mean_abs=None, expand=None):
+        if not all(m in entries for m, _, _ in members):
+            return None
+        pairs = [(w, H) for _, w, H in members]
+        s, alpha, _ = search_scale(pairs, cap.stats[stat_key].mean_abs if mean_abs is None else mean_abs,
+                                   _quantizer(entries[members[0][0]]), alphas, expand)
+        chosen[name] = alpha
+        return s
+
+    # input_layernorm -> q/k/v
+    H = cap.stats["self_attn.q_proj"].H
+    s = run("qkv", [(f"self_attn.{p}", getattr(attn, p).weight, H) for p in ("q_proj", "k_proj", "v_proj")], "self_attn.q_proj")
+    if s is not None:
+        layer.input_layernorm.weight.data /= s.to(layer.input_layernorm.weight.dtype)
+        for p in ("q_proj", "k_proj", "v_proj"):
+            getattr(attn, p).weight.data *= s
+        _rescale_stat(cap, "self_attn.q_proj", s)
+
+    # v rows -> o columns, per kv channel (shared by the q heads of its group)
+    n_rep, D = attn.n_heads // attn.n_kv, attn.head_dim
+    o_abs = cap.stats["self_attn.o_proj"].mean_abs.view(attn.n_kv, n_rep, D).mean(1).reshape(-1)
+    expand = lambda t: t.view(attn.n_kv, 1, D).expand(attn.n_kv, n_rep, D).reshape(-1)
+    if "self_attn.v_proj" in entries:
+        s_kv = run("v->o", [("self_attn.o_proj", attn.o_proj.weight, cap.stats["self_attn.o_proj"].H)],
+                   "self_attn.o_proj", o_abs, expand)
+        if s_kv is not None:
+            attn.v_proj.weight.data /= s_kv[:, None]
+            attn.o_proj.weight.data *= expand(s_kv)
+            _rescale_stat(cap, "self_attn.o_proj", expand(s_kv))
+
+    # post_attention_layernorm -> gate/up of everything in the MLP
+    if isinstance(mlp, SparseMoeBlock):
+        ex = mlp.experts
+        Hx = cap.stats["mlp.experts.gate_proj"].H
+        members = [("mlp.experts.gate_proj", ex.gate_proj, Hx), ("mlp.experts.up_proj", ex.up_proj, Hx)]
+        keys = ["mlp.experts.gate_proj"]
+        if mlp.shared_experts is not None:
+            Hs = cap.stats["mlp.shared_experts.gate_proj"].H
+            members += [("mlp.shared_experts.gate_proj", mlp.shared_experts.gate_proj.weight, Hs),
+                        ("mlp.shared_experts.up_proj", mlp.shared_experts.up_proj.weight, Hs)]
+            keys.append("mlp.shared_experts.gate_proj")
+        s = run("norm->gate/up", members, keys[-1], cap.stats[keys[-1]].mean_abs if len(keys) > 1 else
+                cap.stats["mlp.experts.gate_proj"].mean_abs.mean(0))
+        if s is not None:
+            layer.post_attention_layernorm.weight.data /= s.to(layer.post_attention_layernorm.weight.dtype)
+            mlp.gate.weight.data *= s  # the router reads the same normed input: exact, it stays fp32
+            ex.gate_proj.data *= s
+            ex.up_proj.data *= s
+            if mlp.shared_experts is not None:
+                mlp.shared_experts.gate_proj.weight.data *= s
+                mlp.shared_experts.up_proj.weight.data *= s
+            for k in keys:
+                _rescale_stat(cap, k, s)
+        # up -> down, per routed expert
+        if "mlp.experts.up_proj" in entries and "mlp.experts.down_proj" in entries:
+            st = cap.stats["mlp.experts.down_proj"]
+            q = _quantizer(entries["mlp.experts.down_proj"])
+            for e in range(ex.num_experts):
+                if float(st.count[e]) == 0:
+                    continue
+                s_e, _, _ = search_scale([(ex.down_proj[e], st.H[e])], st.mean_abs[e], q, alphas)
+                ex.up_proj.data[e] /= s_e[:, None]
+                ex.down_proj.data[e] *= s_e
+                st.H[e] = scale_hessian(st.H[e], s_e)
+            chosen["experts up->down"] = -1.0  # per expert; not one α
+        mlps = [("mlp.shared_experts", mlp.shared_experts)] if mlp.shared_experts is not None else []
+    else:
+        H = cap.stats["mlp.gate_proj"].H
+        s = run("norm->gate/up", [("mlp.gate_proj", mlp.gate_proj.weight, H), ("mlp.up_proj", mlp.up_proj.weight, H)], "mlp.gate_proj")
+        if s is not None:
+            layer.post_attention_layernorm.weight.data /= s.to(layer.post_attention_layernorm.weight.dtype)
+            mlp.gate_proj.weight.data *= s
+            mlp.up_proj.weight.data *= s
+            _rescale_stat(cap, "mlp.gate_proj", s)
+        mlps = [("mlp", mlp)]
+    for name, m in mlps:  # up rows -> down columns of dense / shared MLPs
+        key = f"{name}.down_proj"
+        s = run(f"{name} up->down", [(key, m.down_proj.weight, cap.stats[key].H)], key) if f"{name}.up_proj" in entries else None
+        if s is not None:
+            m.up_proj.weight.data /= s[:, None]
+            m.down_proj.weight.data *= s
+            _rescale_stat(cap, key, s)
+    return chosen

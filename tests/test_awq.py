@@ -1,0 +1,49 @@
+"""AWQ: folding leaves the fp model unchanged; the search never scores worse than plain quantization."""
+
+import copy
+
+import torch
+
+import quantkit
+from quantkit.calib.capture import capture_layer
+from quantkit.pipeline.awq_apply import apply_awq
+from quantkit.quant.awq import search_scale
+from quantkit.quant.config import BUILTIN_RECIPES, make_plan
+from quantkit.quant.rtn import rtn
+
+
+def test_folding_leaves_fp_logits_unchanged(tiny_dir):
+    model = quantkit.load(tiny_dir)
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids)
+    plan = make_plan(model.config, BUILTIN_RECIPES["w4g128"])
+    h = model.model.embed_tokens(ids)
+    cos, sin = model.rope(0, 24, "cpu")
+    for idx, layer in enumerate(model.model.layers):
+        old = copy.deepcopy(layer.state_dict())
+        cap = capture_layer(layer, [h], cos, sin, expert_calibration="all")
+        prefix = f"model.layers.{idx}."
+        entries = {e.module[len(prefix):]: e for e in plan.entries if e.module.startswith(prefix)}
+        chosen = apply_awq(layer, cap, entries, alphas=(0.5,))  # force a real scaling
+        assert chosen and set(chosen.values()) <= {0.5, -1.0}
+        changed = [k for k, v in layer.state_dict().items() if not torch.equal(v, old[k])]
+        assert any("layernorm" in k for k in changed) and any("v_proj" in k for k in changed)
+        with torch.no_grad():
+            h = layer(h, cos, sin)
+    with torch.no_grad():
+        after = model(ids)
+    assert (after - before).abs().max().item() <= 1e-4 * before.abs().max().item()
+
+
+def test_search_never_worse_than_unscaled_and_helps_with_salient_channels():
+    g = torch.Generator().manual_seed(0)
+    mag = torch.ones(128)
+    mag[torch.randperm(128, generator=g)[:4]] = 20.0  # a few salient input channels, as AWQ observed in LLMs
+    x = torch.randn(2048, 128, generator=g) * mag
+    w = torch.randn(64, 128, generator=g)
+    quant = lambda t: rtn(t, 4, 128, False).dequantize()
+    s, alpha, errors = search_scale([(w, x.T @ x)], x.abs().mean(0), quant)
+    assert min(errors) <= errors[0]  # α = 0 is plain RTN and always a candidate
+    assert alpha > 0 and min(errors) < 0.5 * errors[0]  # measured: 0.37x at 4-bit g128
+    torch.testing.assert_close(s, x.abs().mean(0).pow(alpha) / (x.abs().mean(0).pow(alpha).max() * x.abs().mean(0).pow(alpha).min()).sqrt())
