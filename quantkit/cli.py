@@ -102,9 +102,10 @@ def _parse_size(text: str) -> int:
 @DEVICE
 @click.option("--max-shard-size", default="4GB", show_default=True)
 @click.option("--force", is_flag=True, help="replace a non-empty output directory")
+@click.option("--resume", is_flag=True, help="continue an interrupted run with the same inputs (its .OUT.partial directory)")
 @_friendly
 def quantize_cmd(src, out, recipe, bits, group_size, sym, method, clip_search, calib_data, calib_samples, calib_seq_len,
-                 expert_calibration, prob_weighted, min_expert_tokens, seed, device, max_shard_size, force):
+                 expert_calibration, prob_weighted, min_expert_tokens, seed, device, max_shard_size, force, resume):
     """Quantize SRC into a compressed-tensors checkpoint at OUTPUT (streams one layer at a time)."""
     from quantkit.calib.data import DEFAULT_CALIB
     from quantkit.pipeline.quantize import CalibOptions, QuantizeOptions, format_summary, quantize
@@ -123,7 +124,7 @@ def quantize_cmd(src, out, recipe, bits, group_size, sym, method, clip_search, c
     calib = CalibOptions(data=calib_data or DEFAULT_CALIB, samples=calib_samples, seq_len=calib_seq_len, seed=seed,
                          expert_calibration=expert_calibration, prob_weighted=prob_weighted, min_expert_tokens=min_expert_tokens)
     report = quantize(src, out, r, QuantizeOptions(device=device, max_shard_bytes=_parse_size(max_shard_size), force=force,
-                                                   calib=calib))
+                                                   calib=calib), resume_run=resume)
     click.echo(format_summary(report))
 
 

@@ -108,7 +108,70 @@ def test_a_crash_leaves_nothing_that_looks_like_a_checkpoint(tmp_path, monkeypat
     monkeypatch.setattr(pipeline, "rtn", flaky)
     with pytest.raises(RuntimeError, match="boom"):
         quantize("random:ernie-tiny", tmp_path / "out", BUILTIN_RECIPES["w4g128"], QUIET)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".out.partial"]  # hidden, resumable, no config.json
+    assert not (tmp_path / ".out.partial" / "config.json").exists()
+
+
+CALIB = dict(data="sotu:train", samples=4, seq_len=64)
+
+
+def checkpoint_bytes(d):
+    return {f.name: f.read_bytes() for f in sorted(d.iterdir()) if f.name != "quantize_report.json"}
+
+
+def test_resume_after_failure_is_byte_identical(tmp_path, monkeypatch):
+    from quantkit.pipeline.quantize import CalibOptions
+
+    opts = QuantizeOptions(progress=False, calib=CalibOptions(**CALIB))
+    recipe = BUILTIN_RECIPES["w2g64"].with_method("gptq")
+    quantize("random:ernie-tiny", tmp_path / "ref", recipe, opts)
+
+    import quantkit.pipeline.quantize as pipeline
+
+    real = pipeline.quantize_layer
+
+    def dies_on_layer_2(layer, prefix, *a, **k):
+        if prefix == "model.layers.2":
+            raise MemoryError("simulated")
+        return real(layer, prefix, *a, **k)
+
+    monkeypatch.setattr(pipeline, "quantize_layer", dies_on_layer_2)
+    with pytest.raises(MemoryError):
+        quantize("random:ernie-tiny", tmp_path / "out", recipe, opts)
+    monkeypatch.setattr(pipeline, "quantize_layer", real)
+    with pytest.raises(quantkit.QuantkitError, match="different source, recipe"):
+        quantize("random:ernie-tiny", tmp_path / "out", BUILTIN_RECIPES["w4g128"].with_method("gptq"), opts, resume_run=True)
+    # the mismatched attempt must not have destroyed the resumable state
+    report = quantize("random:ernie-tiny", tmp_path / "out", recipe, opts, resume_run=True)
+    assert checkpoint_bytes(tmp_path / "out") == checkpoint_bytes(tmp_path / "ref")
+    assert len(report["layers"]) == 3 and not (tmp_path / ".out.partial").exists()
+
+
+KILLER = """
+import os, signal, sys
+import quantkit.pipeline.quantize as q
+real = q.quantize_layer
+def die(layer, prefix, *a, **k):
+    if prefix == "model.layers.2":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(layer, prefix, *a, **k)
+q.quantize_layer = die
+from quantkit.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_kill_minus_9_then_resume_cli(tmp_path):
+    args = ["quantize", "random:ernie-tiny", "--method", "awq+gptq", "--recipe", "w4g128", "--calib", "sotu:train",
+            "--calib-samples", "4", "--calib-seq-len", "64"]
+    r = subprocess.run([sys.executable, "-c", KILLER, *args, "-o", str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == -9 and not (tmp_path / "out").exists()
+    assert json.loads((tmp_path / ".out.partial" / ".resume.json").read_text())["layers_done"] == 1
+    r = run_cli(*args, "-o", str(tmp_path / "out"), "--resume")
+    assert r.returncode == 0, r.stderr
+    r = run_cli(*args, "-o", str(tmp_path / "ref"))
+    assert r.returncode == 0, r.stderr
+    assert checkpoint_bytes(tmp_path / "out") == checkpoint_bytes(tmp_path / "ref")
 
 
 def run_cli(*args):

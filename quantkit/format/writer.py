@@ -125,7 +125,9 @@ class StreamingShards:
     the plan); each tensor's bytes then go straight to its offset, so memory holds one tensor at a time.
     """
 
-    def __init__(self, out: Path, specs: list[TensorSpec], max_shard_bytes: int, metadata: dict[str, str] | None = None):
+    def __init__(self, out: Path, specs: list[TensorSpec], max_shard_bytes: int, metadata: dict[str, str] | None = None,
+                 reuse: bool = False):
+        """``reuse``: shards already in ``out`` with exactly this layout keep their bytes (resume)."""
         self.out = out
         self.where: dict[str, tuple[Path, int, TensorSpec]] = {}
         groups = assign_shards(specs, max_shard_bytes)
@@ -143,9 +145,13 @@ class StreamingShards:
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
             path = out / fname
-            with path.open("wb") as f:
-                f.write(struct.pack("<Q", len(raw)) + raw)
-                f.truncate(8 + len(raw) + offset)
+            head = struct.pack("<Q", len(raw)) + raw
+            if not (reuse and _same_layout(path, head, len(head) + offset)):
+                if reuse:
+                    raise RuntimeError(f"{path}: cannot resume, the shard's layout differs from this run's plan")
+                with path.open("wb") as f:
+                    f.write(head)
+                    f.truncate(len(head) + offset)
             base = 8 + len(raw)
             for spec in group:
                 self.where[spec.name] = (path, base + header[spec.name]["data_offsets"][0], spec)
@@ -154,6 +160,10 @@ class StreamingShards:
         if len(self.files) > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             (out / INDEX_FILE).write_text(json.dumps(index, indent=2))
+
+    def mark_written(self, names) -> None:
+        """Tensors a previous (interrupted) run already wrote."""
+        self.pending.difference_update(names)
 
     def write(self, name: str, t: torch.Tensor) -> None:
         if name not in self.where:
@@ -176,29 +186,44 @@ class StreamingShards:
         return {name: sha256_file(self.out / name) for name in self.files}
 
 
+def _same_layout(path: Path, head: bytes, size: int) -> bool:
+    if not path.is_file() or path.stat().st_size != size:
+        return False
+    with path.open("rb") as f:
+        return f.read(len(head)) == head
+
+
 class CheckpointWriter:
     """``with CheckpointWriter(out, specs, ...) as w: w.write(...); ...; w.commit()`` — nothing appears at
-    ``out`` unless ``commit`` ran; an exception removes the temporary directory."""
+    ``out`` unless ``commit`` ran. The work happens in a hidden directory beside ``out``: a random one
+    removed on error, or, with ``partial``, that fixed one, kept on error so a later run can resume it.
+    """
 
     def __init__(self, out: str | Path, specs: list[TensorSpec], *, max_shard_bytes: int, force: bool = False,
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, partial: Path | None = None, reuse: bool = False):
         self.out = Path(out).expanduser().resolve()
         self.force = force
         check_output_dir(self.out, force)
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        self.keep_on_error = partial is not None
+        if partial is None:
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        else:
+            self.tmp = partial
+            self.tmp.mkdir(exist_ok=True)
         self.committed = False
         try:
-            self.shards = StreamingShards(self.tmp, specs, max_shard_bytes, metadata)
+            self.shards = StreamingShards(self.tmp, specs, max_shard_bytes, metadata, reuse=reuse)
         except BaseException:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            if not self.keep_on_error:
+                shutil.rmtree(self.tmp, ignore_errors=True)
             raise
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        if not self.committed:
+        if not self.committed and not self.keep_on_error:
             shutil.rmtree(self.tmp, ignore_errors=True)
         return False
 

@@ -171,10 +171,13 @@ def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = None,
     return model.eval()
 
 
-def stream_layers(ckpt: Checkpoint, device="cpu", dtype: torch.dtype | None = None) -> Iterator[tuple[int, nn.Module]]:
-    """Yield ``(idx, decoder_layer)`` materialised one at a time; each is released when the next is asked for."""
+def stream_layers(ckpt: Checkpoint, device="cpu", dtype: torch.dtype | None = None, start: int = 0) -> Iterator[tuple[int, nn.Module]]:
+    """Yield ``(idx, decoder_layer)`` for idx >= ``start``, materialised one at a time; each is released
+    when the next is asked for."""
     dtype = dtype or default_dtype(ckpt.config)
     for idx, layer in enumerate(ckpt.skeleton.model.layers):
+        if idx < start:
+            continue
         ckpt.materialize(layer, f"model.layers.{idx}", device, dtype)
         try:
             yield idx, layer

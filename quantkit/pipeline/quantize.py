@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from quantkit.format.writer import CheckpointWriter, TensorSpec
 from quantkit.model.loader import FP32_PARAMS, Checkpoint, default_dtype, model_tensors, source_names, stream_layers
 from quantkit.calib.capture import EXPERT_CALIBRATION, capture_layer
 from quantkit.calib.data import DEFAULT_CALIB, calibration_windows
+from quantkit.pipeline import resume
 from quantkit.pipeline.awq_apply import apply_awq
 from quantkit.pipeline.layer_quant import quantize_layer
 from quantkit.quant.config import Plan, PlanEntry, Recipe, make_plan
@@ -84,107 +86,161 @@ def output_specs(ckpt: Checkpoint, plan: Plan, dtype: torch.dtype) -> list[Tenso
     return specs
 
 
-def quantize(src: str, out: str | Path, recipe: Recipe, options: QuantizeOptions = QuantizeOptions()) -> dict:
-    """Quantize checkpoint ``src`` into ``out`` with ``recipe``; returns the report (also written to OUT)."""
-    t0 = time.perf_counter()
-    if options.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but CUDA is not available")
-    path = resolve(src)
-    ckpt = Checkpoint(path)
-    if ckpt.qconfig is not None:
-        raise UsageError(f"{src} is already quantized; quantize the original checkpoint")
-    cfg, dtype = ckpt.config, default_dtype(ckpt.config)
-    plan = make_plan(cfg, recipe)
-    specs = output_specs(ckpt, plan, dtype)
-    stats = {"quantized_weights": 0, "quantized_bytes": 0, "total_weights": 0}
-    quantized_names = {s.name for e in plan.entries for p in fmt.expert_prefixes(e.module, e.shape[0] if e.is_experts else 0)
-                       for s in fmt.linear_specs(p, *e.shape[-2:], e.rule.bits, e.group_size, e.rule.symmetric, dtype)}
-    stats["quantized_bytes"] = sum(s.nbytes for s in specs if s.name in quantized_names)
+class QuantizeRun:
+    """One quantization run, phase by phase: plan, (calibration inputs), globals, layers, finish."""
 
-    calibrated = any(e.rule.method != "rtn" for e in plan.entries)
-    copt = options.calib
-    hidden = cos = sin = None
-    if calibrated:
-        windows = calibration_windows(copt.data, Tokenizer(path), copt.samples, copt.seq_len, copt.seed)
-        embed = ckpt.read_param("model.embed_tokens.weight", torch.float32).to(options.device)
-        hidden = [torch.nn.functional.embedding(windows[i:i + copt.batch_size].to(options.device), embed)
-                  for i in range(0, len(windows), copt.batch_size)]
-        del embed
-        cos, sin = ckpt.skeleton.rope(0, copt.seq_len, "cpu")
-        cos, sin = cos.to(options.device), sin.to(options.device)
-    layer_reports = []
+    def __init__(self, src: str, out: str | Path, recipe: Recipe, options: QuantizeOptions):
+        if options.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError("--device cuda asked for, but CUDA is not available")
+        self.t0 = time.perf_counter()
+        self.src, self.recipe, self.opt = src, recipe, options
+        self.path = resolve(src)
+        self.ckpt = Checkpoint(self.path)
+        if self.ckpt.qconfig is not None:
+            raise UsageError(f"{src} is already quantized; quantize the original checkpoint")
+        self.cfg, self.dtype = self.ckpt.config, default_dtype(self.ckpt.config)
+        self.plan = make_plan(self.cfg, recipe)
+        self.specs = output_specs(self.ckpt, self.plan, self.dtype)
+        self.calibrated = any(e.rule.method != "rtn" for e in self.plan.entries)
+        self.out = Path(out).expanduser().resolve()
+        self.partial = self.out.parent / f".{self.out.name}.partial"
+        self.fp = resume.fingerprint(self.path, self.ckpt.reader, {
+            "recipe": recipe.to_dict(), "calib": options.calib.__dict__ if self.calibrated else None,
+            "device": options.device, "shard": options.max_shard_bytes})
+        self.state = {"fingerprint": self.fp, "layers_done": -1, "written": [], "layers": [],
+                      "total_weights": 0, "quantized_weights": 0}
+        self.hidden = self.cos = self.sin = None
 
-    with CheckpointWriter(out, specs, max_shard_bytes=options.max_shard_bytes, force=options.force,
-                          metadata={"quantkit_format": fmt.FORMAT_NAME}) as writer:
-        def write_plain(name: str, t: torch.Tensor) -> None:
-            stats["total_weights"] += t.numel()
-            disk = source_names(name, cfg)
-            parts = [t] if len(disk) == 1 else list(t)
-            for d, part in zip(disk, parts):
-                spec = writer.shards.where[d][2]
-                writer.write(d, part.reshape(spec.shape).to(spec.dtype))
+    # -- phases --------------------------------------------------------------------------------------
+    def calibration_inputs(self) -> None:
+        c = self.opt.calib
+        windows = calibration_windows(c.data, Tokenizer(self.path), c.samples, c.seq_len, c.seed)
+        embed = self.ckpt.read_param("model.embed_tokens.weight", torch.float32).to(self.opt.device)
+        self.hidden = [torch.nn.functional.embedding(windows[i:i + c.batch_size].to(self.opt.device), embed)
+                       for i in range(0, len(windows), c.batch_size)]
 
-        for name in ("model.embed_tokens.weight", "model.norm.weight") + (() if cfg.tie_word_embeddings else ("lm_head.weight",)):
-            write_plain(name, ckpt.read_param(name, dtype))
-        bar = tqdm(total=cfg.num_hidden_layers, desc="quantize", unit="layer", disable=not options.progress, file=sys.stderr)
-        compute_dtype = torch.float32 if calibrated else dtype
-        for idx, layer in stream_layers(ckpt, device=options.device, dtype=compute_dtype):
-            prefix = f"model.layers.{idx}"
-            entries = [e for e in plan.entries if e.module.startswith(prefix + ".")]
-            cap, awq_alphas = None, None
-            if calibrated:
-                cap = capture_layer(layer, hidden, cos, sin, expert_calibration=copt.expert_calibration,
-                                    prob_weighted=copt.prob_weighted)
-                if any("awq" in e.rule.method for e in entries):
-                    awq_alphas = apply_awq(layer, cap, {e.module[len(prefix) + 1:]: e for e in entries})
-            res = quantize_layer(layer, prefix, entries, cap, scale_dtype=dtype, min_expert_tokens=copt.min_expert_tokens,
-                                 expert_calibration=copt.expert_calibration)
-            for name, t in model_tensors(layer):
-                full = f"{prefix}.{name}"
-                entry = planned_module(full, plan)
-                if entry is None:
-                    write_plain(full, t)
-                    continue
-                stats["total_weights"] += t.numel()
-                stats["quantized_weights"] += t.numel()
-                for k, v in fmt.module_tensors(entry.module, res.qtensors[entry.module[len(prefix) + 1:]]).items():
-                    writer.write(k, v)
-            if calibrated:
-                with torch.no_grad():
-                    hidden = [layer(h, cos, sin) for h in hidden]  # the quantized layer feeds the next
-                layer_reports.append({"layer": idx, "errors": res.errors, "awq_alpha": awq_alphas, "rtn_fallback_experts": res.rtn_fallback_experts,
-                                      "expert_tokens": None if cap.expert_tokens is None else cap.expert_tokens.tolist()})
-            bar.update(1)
-        bar.close()
+    def write_plain(self, name: str, t: torch.Tensor) -> None:
+        self.state["total_weights"] += t.numel()
+        disk = source_names(name, self.cfg)
+        for d, part in zip(disk, [t] if len(disk) == 1 else list(t)):
+            spec = self.writer.shards.where[d][2]
+            self.writer.write(d, part.reshape(spec.shape).to(spec.dtype))
 
-        shards = writer.shards.close()
-        config = dict(cfg.raw)
-        config["quantization_config"] = fmt.quantization_config(plan)
-        writer.write_json("config.json", config)
-        copied = writer.copy_small_files(path)
+    def write_globals(self) -> None:
+        names = ("model.embed_tokens.weight", "model.norm.weight") + (() if self.cfg.tie_word_embeddings else ("lm_head.weight",))
+        for name in names:
+            self.write_plain(name, self.ckpt.read_param(name, self.dtype))
+
+    def run_layer(self, idx: int, layer) -> None:
+        prefix, c = f"model.layers.{idx}", self.opt.calib
+        entries = [e for e in self.plan.entries if e.module.startswith(prefix + ".")]
+        cap = awq_alphas = None
+        if self.calibrated:
+            cap = capture_layer(layer, self.hidden, self.cos, self.sin, expert_calibration=c.expert_calibration,
+                                prob_weighted=c.prob_weighted)
+            if any("awq" in e.rule.method for e in entries):
+                awq_alphas = apply_awq(layer, cap, {e.module[len(prefix) + 1:]: e for e in entries})
+        res = quantize_layer(layer, prefix, entries, cap, scale_dtype=self.dtype, min_expert_tokens=c.min_expert_tokens,
+                             expert_calibration=c.expert_calibration)
+        for name, t in model_tensors(layer):
+            full = f"{prefix}.{name}"
+            entry = planned_module(full, self.plan)
+            if entry is None:
+                self.write_plain(full, t)
+                continue
+            self.state["total_weights"] += t.numel()
+            self.state["quantized_weights"] += t.numel()
+            for k, v in fmt.module_tensors(entry.module, res.qtensors[entry.module[len(prefix) + 1:]]).items():
+                self.writer.write(k, v)
+        if self.calibrated:
+            with torch.no_grad():
+                self.hidden = [layer(h, self.cos, self.sin) for h in self.hidden]  # the quantized layer feeds the next
+            self.state["layers"].append({
+                "layer": idx, "errors": res.errors, "awq_alpha": awq_alphas, "rtn_fallback_experts": res.rtn_fallback_experts,
+                "expert_tokens": None if cap.expert_tokens is None else cap.expert_tokens.tolist()})
+
+    def checkpoint_progress(self, idx: int) -> None:
+        self.state["layers_done"] = idx
+        self.state["written"] = sorted(set(self.writer.shards.where) - self.writer.shards.pending)
+        resume.save_state(self.partial, self.state, self.hidden)
+
+    def finish(self) -> dict:
+        w = self.writer
+        shards = w.shards.close()
+        resume.clear_state(self.partial)
+        config = dict(self.cfg.raw)
+        config["quantization_config"] = fmt.quantization_config(self.plan)
+        w.write_json("config.json", config)
+        copied = w.copy_small_files(self.path)
         plan_rows = [{"module": e.module, "shape": list(e.shape), "rule": e.rule.label, "method": e.rule.method,
-                      "group_size": e.group_size, "note": e.note} for e in plan.entries]
-        writer.write_json(fmt.METADATA_FILE, {
+                      "group_size": e.group_size, "note": e.note} for e in self.plan.entries]
+        w.write_json(fmt.METADATA_FILE, {
             "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "quantkit_version": __version__,
-            "recipe": recipe.to_dict(), "plan": plan_rows, "unquantized": list(plan.unquantized), "shards": shards})
-        size = sum((writer.tmp / f).stat().st_size for f in shards)
-        src_size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+            "recipe": self.recipe.to_dict(), "plan": plan_rows, "unquantized": list(self.plan.unquantized), "shards": shards})
+        quantized_names = {s.name for e in self.plan.entries
+                           for p in fmt.expert_prefixes(e.module, e.shape[0] if e.is_experts else 0)
+                           for s in fmt.linear_specs(p, *e.shape[-2:], e.rule.bits, e.group_size, e.rule.symmetric, self.dtype)}
+        quantized_bytes = sum(s.nbytes for s in self.specs if s.name in quantized_names)
+        st = self.state
         report = {
-            "source": str(src), "output": str(writer.out), "recipe": recipe.name, "device": options.device,
-            "seconds": round(time.perf_counter() - t0, 2),
+            "source": str(self.src), "output": str(self.out), "recipe": self.recipe.name, "device": self.opt.device,
+            "seconds": round(time.perf_counter() - self.t0, 2),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "quantized_weights": stats["quantized_weights"], "total_weights": stats["total_weights"],
-            "bits_per_weight_quantized": 8 * stats["quantized_bytes"] / max(stats["quantized_weights"], 1),
-            "bits_per_weight_overall": 8 * writer.shards.total_bytes / max(stats["total_weights"], 1),
-            "size_bytes": size, "source_size_bytes": src_size, "shards": len(shards), "copied_files": copied,
-            "fallbacks": [r for r in plan_rows if r["note"]], "unquantized": list(plan.unquantized),
-            "method": sorted({e.rule.method for e in plan.entries}),
-            "calibration": None if not calibrated else {**copt.__dict__, "tokens": copt.samples * copt.seq_len},
-            "layers": layer_reports,
+            "quantized_weights": st["quantized_weights"], "total_weights": st["total_weights"],
+            "bits_per_weight_quantized": 8 * quantized_bytes / max(st["quantized_weights"], 1),
+            "bits_per_weight_overall": 8 * w.shards.total_bytes / max(st["total_weights"], 1),
+            "size_bytes": sum((w.tmp / f).stat().st_size for f in shards),
+            "source_size_bytes": sum(f.stat().st_size for f in self.path.glob("*.safetensors")),
+            "shards": len(shards), "copied_files": copied,
+            "fallbacks": [r for r in plan_rows if r["note"]], "unquantized": list(self.plan.unquantized),
+            "method": sorted({e.rule.method for e in self.plan.entries}),
+            "calibration": None if not self.calibrated else {**self.opt.calib.__dict__,
+                                                             "tokens": self.opt.calib.samples * self.opt.calib.seq_len},
+            "layers": st["layers"],
         }
-        writer.write_json(REPORT_FILE, report)
-        writer.commit()
-    return report
+        w.write_json(REPORT_FILE, report)
+        w.commit()
+        return report
+
+    # -- the whole run -------------------------------------------------------------------------------
+    def run(self, resume_run: bool = False) -> dict:
+        saved = resume.load_state(self.partial, self.fp) if resume_run else None
+        if saved is None and self.partial.exists():
+            shutil.rmtree(self.partial)  # a stale partial of another (or an unresumed) run
+        with CheckpointWriter(self.out, self.specs, max_shard_bytes=self.opt.max_shard_bytes, force=self.opt.force,
+                              metadata={"quantkit_format": fmt.FORMAT_NAME}, partial=self.partial,
+                              reuse=saved is not None) as self.writer:
+            if self.calibrated:
+                self.cos, self.sin = (t.to(self.opt.device) for t in self.ckpt.skeleton.rope(0, self.opt.calib.seq_len, "cpu"))
+            if saved is not None:
+                self.state = saved
+                self.writer.shards.mark_written(saved["written"])
+                if self.calibrated and saved["layers_done"] >= 0:
+                    self.hidden = resume.load_hidden(self.partial, self.opt.device)
+            if self.calibrated and self.hidden is None:
+                self.calibration_inputs()
+            if saved is None:
+                self.write_globals()
+            start = self.state["layers_done"] + 1
+            bar = tqdm(total=self.cfg.num_hidden_layers, initial=start, desc="quantize", unit="layer",
+                       disable=not self.opt.progress, file=sys.stderr)
+            compute_dtype = torch.float32 if self.calibrated else self.dtype
+            for idx, layer in stream_layers(self.ckpt, device=self.opt.device, dtype=compute_dtype, start=start):
+                self.run_layer(idx, layer)
+                self.checkpoint_progress(idx)
+                bar.update(1)
+            bar.close()
+            return self.finish()
+
+
+def quantize(src: str, out: str | Path, recipe: Recipe, options: QuantizeOptions = QuantizeOptions(),
+             resume_run: bool = False) -> dict:
+    """Quantize checkpoint ``src`` into ``out`` with ``recipe``; returns the report (also written to OUT).
+
+    The work happens in a hidden ``.OUT.partial`` directory beside OUT, renamed to OUT at the end.
+    If the run dies, that directory stays; ``resume_run=True`` continues it (same inputs required).
+    """
+    return QuantizeRun(src, out, recipe, options).run(resume_run)
 
 
 def format_summary(r: dict) -> str:
