@@ -103,9 +103,10 @@ def _parse_size(text: str) -> int:
 @click.option("--max-shard-size", default="4GB", show_default=True)
 @click.option("--force", is_flag=True, help="replace a non-empty output directory")
 @click.option("--resume", is_flag=True, help="continue an interrupted run with the same inputs (its .OUT.partial directory)")
+@click.option("--dry-run", is_flag=True, help="print the plan and the memory/disk estimates from config.json; quantize nothing")
 @_friendly
 def quantize_cmd(src, out, recipe, bits, group_size, sym, method, clip_search, calib_data, calib_samples, calib_seq_len,
-                 expert_calibration, prob_weighted, min_expert_tokens, seed, device, max_shard_size, force, resume):
+                 expert_calibration, prob_weighted, min_expert_tokens, seed, device, max_shard_size, force, resume, dry_run):
     """Quantize SRC into a compressed-tensors checkpoint at OUTPUT (streams one layer at a time)."""
     from quantkit.calib.data import DEFAULT_CALIB
     from quantkit.pipeline.quantize import CalibOptions, QuantizeOptions, format_summary, quantize
@@ -123,8 +124,13 @@ def quantize_cmd(src, out, recipe, bits, group_size, sym, method, clip_search, c
     r = r.with_method(method, clip_search or None)
     calib = CalibOptions(data=calib_data or DEFAULT_CALIB, samples=calib_samples, seq_len=calib_seq_len, seed=seed,
                          expert_calibration=expert_calibration, prob_weighted=prob_weighted, min_expert_tokens=min_expert_tokens)
-    report = quantize(src, out, r, QuantizeOptions(device=device, max_shard_bytes=_parse_size(max_shard_size), force=force,
-                                                   calib=calib), resume_run=resume)
+    options = QuantizeOptions(device=device, max_shard_bytes=_parse_size(max_shard_size), force=force, calib=calib)
+    if dry_run:
+        from quantkit.pipeline.dry_run import dry_run as plan_only, format_dry_run
+
+        click.echo(format_dry_run(plan_only(src, r, options)))
+        return
+    report = quantize(src, out, r, options, resume_run=resume)
     click.echo(format_summary(report))
 
 

@@ -197,3 +197,17 @@ def test_cli_quantize_eval_inspect(tmp_path):
     assert r.returncode == 2 and "already quantized" in r.stderr
     r = run_cli("quantize", "random:ernie-tiny", "-o", str(tmp_path / "x"), "--recipe", "nope")
     assert r.returncode == 2 and "unknown recipe" in r.stderr
+
+
+def test_dry_run_plans_without_writing(tmp_path):
+    r = run_cli("quantize", "random:ernie-tiny", "-o", str(tmp_path / "o"), "--method", "gptq", "--recipe", "w2g64", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "27 modules quantized" in r.stdout and "group 64 does not divide K=32" in r.stdout and "peak host memory" in r.stdout
+    assert not (tmp_path / "o").exists() and list(tmp_path.iterdir()) == []
+    from quantkit.pipeline.dry_run import dry_run
+
+    est = dry_run("random:ernie-tiny", BUILTIN_RECIPES["w4g128"], QUIET)
+    report = quantize("random:ernie-tiny", tmp_path / "real", BUILTIN_RECIPES["w4g128"], QUIET)
+    assert est["output_bytes"] == sum(f.stat().st_size for f in (tmp_path / "real").glob("*.safetensors")) - \
+        sum(8 + int.from_bytes(f.read_bytes()[:8], "little") for f in (tmp_path / "real").glob("*.safetensors"))
+    assert report["size_bytes"] > est["output_bytes"]

@@ -67,10 +67,10 @@ def planned_module(param: str, plan: Plan) -> PlanEntry | None:
     return plan.entry(module)
 
 
-def output_specs(ckpt: Checkpoint, plan: Plan, dtype: torch.dtype) -> list[TensorSpec]:
-    """Every tensor of the output, in checkpoint order, with its dtype and shape."""
+def output_specs(skeleton, cfg, plan: Plan, dtype: torch.dtype) -> list[TensorSpec]:
+    """Every tensor of the output, in checkpoint order, with its dtype and shape (from the config alone)."""
     specs = []
-    for name, t in model_tensors(ckpt.skeleton):
+    for name, t in model_tensors(skeleton):
         entry = planned_module(name, plan)
         if entry is not None:
             n, k = entry.shape[-2:]
@@ -78,10 +78,8 @@ def output_specs(ckpt: Checkpoint, plan: Plan, dtype: torch.dtype) -> list[Tenso
                 specs += fmt.linear_specs(prefix, n, k, entry.rule.bits, entry.group_size, entry.rule.symmetric, dtype)
             continue
         out_dtype = torch.float32 if FP32_PARAMS.search(name) else dtype
-        disk = source_names(name, ckpt.config)
-        shape = tuple(t.shape[1:]) if len(disk) > 1 else tuple(t.shape)
-        if name.endswith("e_score_correction_bias"):
-            shape = tuple(ckpt.reader.info(disk[0]).shape)  # keep the Hub's [1, E]
+        disk = source_names(name, cfg)
+        shape = tuple(t.shape[1:]) if len(disk) > 1 else tuple(t.shape)  # e_score_correction_bias keeps the Hub's [1, E]
         specs += [TensorSpec(d, out_dtype, shape) for d in disk]
     return specs
 
@@ -100,7 +98,7 @@ class QuantizeRun:
             raise UsageError(f"{src} is already quantized; quantize the original checkpoint")
         self.cfg, self.dtype = self.ckpt.config, default_dtype(self.ckpt.config)
         self.plan = make_plan(self.cfg, recipe)
-        self.specs = output_specs(self.ckpt, self.plan, self.dtype)
+        self.specs = output_specs(self.ckpt.skeleton, self.cfg, self.plan, self.dtype)
         self.calibrated = any(e.rule.method != "rtn" for e in self.plan.entries)
         self.out = Path(out).expanduser().resolve()
         self.partial = self.out.parent / f".{self.out.name}.partial"
@@ -132,6 +130,7 @@ class QuantizeRun:
             self.write_plain(name, self.ckpt.read_param(name, self.dtype))
 
     def run_layer(self, idx: int, layer) -> None:
+        t0 = time.perf_counter()
         prefix, c = f"model.layers.{idx}", self.opt.calib
         entries = [e for e in self.plan.entries if e.module.startswith(prefix + ".")]
         cap = awq_alphas = None
@@ -156,7 +155,7 @@ class QuantizeRun:
             with torch.no_grad():
                 self.hidden = [layer(h, self.cos, self.sin) for h in self.hidden]  # the quantized layer feeds the next
             self.state["layers"].append({
-                "layer": idx, "errors": res.errors, "awq_alpha": awq_alphas, "rtn_fallback_experts": res.rtn_fallback_experts,
+                "layer": idx, "moe": bool(layer.is_moe), "seconds": round(time.perf_counter() - t0, 2), "errors": res.errors, "awq_alpha": awq_alphas, "rtn_fallback_experts": res.rtn_fallback_experts,
                 "expert_tokens": None if cap.expert_tokens is None else cap.expert_tokens.tolist()})
 
     def checkpoint_progress(self, idx: int) -> None:
