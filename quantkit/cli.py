@@ -146,6 +146,18 @@ def inspect_cmd(path, as_json):
     click.echo(json.dumps(r, indent=2) if as_json else format_inspect(r))
 
 
+@main.command("report")
+@click.argument("out")
+@click.option("--dest", default=None, type=click.Path(file_okay=False), help="where to write the PNGs (default: OUT)")
+@_friendly
+def report_cmd(out, dest):
+    """Plot a calibrated run: expert coverage heatmap (layer x expert) and error per layer, as PNGs."""
+    from quantkit.evals.report import render_report
+
+    for p in render_report(out, dest):
+        click.echo(str(p))
+
+
 @main.command("generate")
 @click.argument("src")
 @click.option("--prompt", required=True)
