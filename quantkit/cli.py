@@ -98,6 +98,7 @@ def _parse_size(text: str) -> int:
               help="routed: experts see their routed tokens; all: every token reaches every expert's statistics")
 @click.option("--prob-weighted", is_flag=True, help="weight each token's Hessian contribution by its routing weight")
 @click.option("--min-expert-tokens", default=8, show_default=True, type=int, help="below this an expert falls back to RTN")
+@click.option("--calib-memory", default="4GB", show_default=True, help="hidden states kept in memory; the rest spills to disk")
 @click.option("--seed", default=0, show_default=True, type=int)
 @DEVICE
 @click.option("--max-shard-size", default="4GB", show_default=True)
@@ -106,7 +107,8 @@ def _parse_size(text: str) -> int:
 @click.option("--dry-run", is_flag=True, help="print the plan and the memory/disk estimates from config.json; quantize nothing")
 @_friendly
 def quantize_cmd(src, out, recipe, bits, group_size, sym, method, clip_search, calib_data, calib_samples, calib_seq_len,
-                 expert_calibration, prob_weighted, min_expert_tokens, seed, device, max_shard_size, force, resume, dry_run):
+                 expert_calibration, prob_weighted, min_expert_tokens, calib_memory, seed, device, max_shard_size, force, resume,
+                 dry_run):
     """Quantize SRC into a compressed-tensors checkpoint at OUTPUT (streams one layer at a time)."""
     from quantkit.calib.data import DEFAULT_CALIB
     from quantkit.pipeline.quantize import CalibOptions, QuantizeOptions, format_summary, quantize
@@ -123,7 +125,8 @@ def quantize_cmd(src, out, recipe, bits, group_size, sym, method, clip_search, c
         r = get_recipe(recipe or "w4g128")
     r = r.with_method(method, clip_search or None)
     calib = CalibOptions(data=calib_data or DEFAULT_CALIB, samples=calib_samples, seq_len=calib_seq_len, seed=seed,
-                         expert_calibration=expert_calibration, prob_weighted=prob_weighted, min_expert_tokens=min_expert_tokens)
+                         expert_calibration=expert_calibration, prob_weighted=prob_weighted, min_expert_tokens=min_expert_tokens,
+                         memory_budget=_parse_size(calib_memory))
     options = QuantizeOptions(device=device, max_shard_bytes=_parse_size(max_shard_size), force=force, calib=calib)
     if dry_run:
         from quantkit.pipeline.dry_run import dry_run as plan_only, format_dry_run
@@ -165,6 +168,7 @@ def report_cmd(out, dest):
 @click.option("--sample/--greedy", default=False, show_default=True)
 @click.option("--temperature", default=0.8, show_default=True, type=float)
 @click.option("--top-p", default=0.95, show_default=True, type=float)
+@click.option("--calib-memory", default="4GB", show_default=True, help="hidden states kept in memory; the rest spills to disk")
 @click.option("--seed", default=0, show_default=True, type=int)
 @DEVICE
 @DTYPE

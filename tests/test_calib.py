@@ -77,3 +77,33 @@ def test_report_pngs(tmp_path):
     rep = json.loads((out / "quantize_report.json").read_text())
     assert [len(l["expert_tokens"]) for l in rep["layers"] if l["moe"]] == [8, 8]
     assert all(sum(l["expert_tokens"]) == 4 * 64 * 2 for l in rep["layers"] if l["moe"])
+
+
+def test_hidden_store_spills_beyond_budget_and_maps_exactly(tmp_path):
+    from quantkit.calib.hidden import HiddenStore
+
+    batches = [torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    store = HiddenStore(tmp_path / "h", budget_bytes=2 * batches[0].nbytes, device="cpu")
+    for b in batches:
+        store.append(b)
+    assert store.spilled == 3 and len(list((tmp_path / "h").iterdir())) == 3
+    nxt = store.map(lambda h: h * 2)
+    assert [torch.equal(a, b * 2) for a, b in zip(nxt, batches)] == [True] * 5
+    assert sorted(p.name for p in (tmp_path / "h").iterdir()) == ["g1-2.pt", "g1-3.pt", "g1-4.pt"]  # gen 0 removed
+    info = nxt.persist()
+    again = HiddenStore.reopen(tmp_path / "h", 0, "cpu", info)
+    assert [torch.equal(a, b * 2) for a, b in zip(again, batches)] == [True] * 5
+
+
+def test_spilled_run_equals_in_memory_run(tmp_path):
+    from quantkit.pipeline.quantize import CalibOptions, QuantizeOptions, quantize
+    from quantkit.quant.config import BUILTIN_RECIPES
+
+    recipe = BUILTIN_RECIPES["w4g128"].with_method("gptq")
+    outs = {}
+    for name, budget in (("mem", 1 << 30), ("disk", 0)):
+        opts = QuantizeOptions(progress=False, calib=CalibOptions(data="sotu:train", samples=4, seq_len=64, batch_size=1,
+                                                                  memory_budget=budget))
+        quantize("random:ernie-tiny", tmp_path / name, recipe, opts)
+        outs[name] = (tmp_path / name / "model.safetensors").read_bytes()
+    assert outs["mem"] == outs["disk"]

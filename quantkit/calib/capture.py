@@ -70,12 +70,12 @@ def _linear_hook(cap: LayerCapture, key: str, k: int, device):
     return hook
 
 
-def capture_layer(layer, hidden: list[torch.Tensor], cos, sin, *, expert_calibration: str = "routed",
+def capture_layer(layer, hidden, cos, sin, *, expert_calibration: str = "routed",
                   prob_weighted: bool = False) -> LayerCapture:
-    """Run ``layer`` over every batch in ``hidden`` ([b, T, H] each), collecting statistics."""
+    """Run ``layer`` over every batch in ``hidden`` (an iterable of [b, T, H]), collecting statistics."""
     if expert_calibration not in EXPERT_CALIBRATION:
         raise ValueError(f"expert calibration must be one of {EXPERT_CALIBRATION}")
-    device = hidden[0].device
+    device = next(layer.parameters()).device
     cap = LayerCapture()
     handles = []
     targets = {"self_attn.q_proj": layer.self_attn.q_proj, "self_attn.o_proj": layer.self_attn.o_proj}

@@ -24,6 +24,7 @@ from quantkit.format.writer import CheckpointWriter, TensorSpec
 from quantkit.model.loader import FP32_PARAMS, Checkpoint, default_dtype, model_tensors, source_names, stream_layers
 from quantkit.calib.capture import EXPERT_CALIBRATION, capture_layer
 from quantkit.calib.data import DEFAULT_CALIB, calibration_windows
+from quantkit.calib.hidden import HiddenStore
 from quantkit.pipeline import resume
 from quantkit.pipeline.awq_apply import apply_awq
 from quantkit.pipeline.layer_quant import quantize_layer
@@ -44,6 +45,7 @@ class CalibOptions:
     expert_calibration: str = "routed"  # or "all"
     prob_weighted: bool = False
     min_expert_tokens: int = 8
+    memory_budget: int = 4_000_000_000  # bytes of hidden states kept in memory; the rest spills to disk
 
     def __post_init__(self):
         if self.expert_calibration not in EXPERT_CALIBRATION:
@@ -103,7 +105,8 @@ class QuantizeRun:
         self.out = Path(out).expanduser().resolve()
         self.partial = self.out.parent / f".{self.out.name}.partial"
         self.fp = resume.fingerprint(self.path, self.ckpt.reader, {
-            "recipe": recipe.to_dict(), "calib": options.calib.__dict__ if self.calibrated else None,
+            "recipe": recipe.to_dict(),
+            "calib": {k: v for k, v in options.calib.__dict__.items() if k != "memory_budget"} if self.calibrated else None,
             "device": options.device, "shard": options.max_shard_bytes})
         self.state = {"fingerprint": self.fp, "layers_done": -1, "written": [], "layers": [],
                       "total_weights": 0, "quantized_weights": 0}
@@ -114,8 +117,9 @@ class QuantizeRun:
         c = self.opt.calib
         windows = calibration_windows(c.data, Tokenizer(self.path), c.samples, c.seq_len, c.seed)
         embed = self.ckpt.read_param("model.embed_tokens.weight", torch.float32).to(self.opt.device)
-        self.hidden = [torch.nn.functional.embedding(windows[i:i + c.batch_size].to(self.opt.device), embed)
-                       for i in range(0, len(windows), c.batch_size)]
+        self.hidden = HiddenStore(self.partial / resume.HIDDEN_DIR, c.memory_budget, self.opt.device)
+        for i in range(0, len(windows), c.batch_size):
+            self.hidden.append(torch.nn.functional.embedding(windows[i:i + c.batch_size].to(self.opt.device), embed))
 
     def write_plain(self, name: str, t: torch.Tensor) -> None:
         self.state["total_weights"] += t.numel()
@@ -152,8 +156,8 @@ class QuantizeRun:
             for k, v in fmt.module_tensors(entry.module, res.qtensors[entry.module[len(prefix) + 1:]]).items():
                 self.writer.write(k, v)
         if self.calibrated:
-            with torch.no_grad():
-                self.hidden = [layer(h, self.cos, self.sin) for h in self.hidden]  # the quantized layer feeds the next
+            with torch.no_grad():  # the quantized layer feeds the next
+                self.hidden = self.hidden.map(lambda h: layer(h, self.cos, self.sin))
             self.state["layers"].append({
                 "layer": idx, "moe": bool(layer.is_moe), "seconds": round(time.perf_counter() - t0, 2), "errors": res.errors, "awq_alpha": awq_alphas, "rtn_fallback_experts": res.rtn_fallback_experts,
                 "expert_tokens": None if cap.expert_tokens is None else cap.expert_tokens.tolist()})
@@ -161,7 +165,8 @@ class QuantizeRun:
     def checkpoint_progress(self, idx: int) -> None:
         self.state["layers_done"] = idx
         self.state["written"] = sorted(set(self.writer.shards.where) - self.writer.shards.pending)
-        resume.save_state(self.partial, self.state, self.hidden)
+        self.state["hidden"] = self.hidden.persist() if self.calibrated else None
+        resume.save_state(self.partial, self.state)
 
     def finish(self) -> dict:
         w = self.writer
@@ -215,7 +220,8 @@ class QuantizeRun:
                 self.state = saved
                 self.writer.shards.mark_written(saved["written"])
                 if self.calibrated and saved["layers_done"] >= 0:
-                    self.hidden = resume.load_hidden(self.partial, self.opt.device)
+                    self.hidden = HiddenStore.reopen(self.partial / resume.HIDDEN_DIR, self.opt.calib.memory_budget,
+                                                     self.opt.device, saved["hidden"])
             if self.calibrated and self.hidden is None:
                 self.calibration_inputs()
             if saved is None:

@@ -1,8 +1,9 @@
 """Resumable runs: after each layer the partial output directory records what is done.
 
 State, inside the hidden partial directory beside OUT (written atomically: temp file + rename):
-    .resume.json        fingerprint, last finished layer, tensors written, report rows so far
-    .resume-hidden.pt   the next layer's calibration inputs (calibrated methods only)
+    .resume.json        fingerprint, last finished layer, tensors written, report rows so far, and
+                        which generation of the calibration hidden states (``hidden/``) is the next
+                        layer's input (calibrated methods only; see ``quantkit.calib.hidden``)
 The fingerprint covers the source (config.json and the safetensors headers), the recipe, the
 calibration options, the device and quantkit's version: ``--resume`` refuses any mismatch, so the
 continued run computes exactly what an uninterrupted one would (byte-identical shards).
@@ -13,15 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
-
-import torch
 
 from quantkit import __version__
 from quantkit.errors import UsageError
 
 STATE_FILE = ".resume.json"
-HIDDEN_FILE = ".resume-hidden.pt"
+HIDDEN_DIR = "hidden"
 
 
 def fingerprint(src: Path, reader, parts: dict) -> str:
@@ -40,9 +40,7 @@ def _atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def save_state(partial: Path, state: dict, hidden: list[torch.Tensor] | None) -> None:
-    if hidden is not None:
-        _atomic(partial / HIDDEN_FILE, lambda p: torch.save([h.cpu() for h in hidden], p))
+def save_state(partial: Path, state: dict) -> None:
     _atomic(partial / STATE_FILE, lambda p: p.write_text(json.dumps(state)))
 
 
@@ -58,10 +56,6 @@ def load_state(partial: Path, fp: str) -> dict | None:
     return state
 
 
-def load_hidden(partial: Path, device) -> list[torch.Tensor]:
-    return [h.to(device) for h in torch.load(partial / HIDDEN_FILE)]
-
-
 def clear_state(partial: Path) -> None:
-    for name in (STATE_FILE, HIDDEN_FILE):
-        (partial / name).unlink(missing_ok=True)
+    (partial / STATE_FILE).unlink(missing_ok=True)
+    shutil.rmtree(partial / HIDDEN_DIR, ignore_errors=True)

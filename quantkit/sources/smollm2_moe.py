@@ -131,7 +131,7 @@ def _cluster_neurons(feat: torch.Tensor, E: int, iters: int, gen: torch.Generato
         if labels is not None and torch.equal(new, labels):
             break
         labels = new
-        c = F.normalize(torch.stack([f[labels == e].mean(0) for e in range(E)]), dim=-1)
+        c = F.normalize(F.one_hot(labels, E).float().T @ f, dim=-1)  # [E, D] mean directions
     return labels
 
 
@@ -170,11 +170,10 @@ def _fit_scales(e_out: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, y: to
     e_out [N, E, H] expert outputs, idx/wts [N, k] the routing, y [N, H] the dense routed output.
     """
     N, E, H = e_out.shape
-    a = torch.zeros(N, E, H)
     sel = e_out.gather(1, idx[..., None].expand(-1, -1, H)) * wts[..., None]  # [N, k, H]
-    a.scatter_(1, idx[..., None].expand(-1, -1, H), sel)
-    m = torch.einsum("nih,njh->ij", a, a)
-    b = torch.einsum("nih,nh->i", a, y)
+    onehot = F.one_hot(idx, E).float()  # [N, k, E]
+    m = torch.einsum("nae,nab,nbf->ef", onehot, sel @ sel.transpose(1, 2), onehot)  # [E, E]
+    b = torch.einsum("nae,na->e", onehot, (sel * y[:, None]).sum(-1))  # [E]
     return torch.linalg.solve(m + 1e-6 * m.diagonal().mean() * torch.eye(E), b)
 
 
@@ -195,7 +194,7 @@ def _refit_downs(act, groups, idx, wts, y, downs, ridge: float) -> list[torch.Te
     return list(W.T.split([len(g) for g in groups], dim=1))
 
 
-def _split_ffn(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor, r: Recipe, gen) -> tuple[dict, dict, torch.Tensor]:
+def _split_ffn(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor, r: Recipe, gen, target=None) -> tuple[dict, dict, torch.Tensor]:
     """Split a SwiGLU FFN into shared + routed experts and fit the router.
 
     x [N, H] calibration FFN inputs; wg, wu [F, H]; wd [H, F].
@@ -204,6 +203,7 @@ def _split_ffn(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Te
     E, I, k = r.num_experts, r.expert_size, r.top_k
     act = F.silu(x @ wg.T) * (x @ wu.T)  # [N, F] neuron activations
     y = act @ wd.T  # [N, H] dense FFN output, the target
+    target = y if target is None else target
     size = act.abs() * wd.norm(dim=0)  # [N, F] size of each neuron's contribution per token
     energy = size.pow(2).mean(0)  # [F]
     shared = energy.topk(r.num_shared * I).indices.sort().values
@@ -222,10 +222,10 @@ def _split_ffn(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Te
     gate = gate * (r.logit_spread / (x @ gate.T).std(-1).mean())
     bias = torch.zeros(E)
     idx, wts = _route(x, gate, bias, k)
-    scales = _fit_scales(e_out, idx, wts, y - y_shared)
+    scales = _fit_scales(e_out, idx, wts, target - y_shared)
     downs = [wd[:, shared]] + [wd[:, n] * scales[e] for e, n in enumerate(experts)]  # [H, I_*] each
     if r.refit_ridge > 0:
-        downs = _refit_downs(act, [shared] + experts, idx, wts, y, downs, r.refit_ridge)
+        downs = _refit_downs(act, [shared] + experts, idx, wts, target, downs, r.refit_ridge)
 
     bf = lambda t: t.to(torch.bfloat16).float()  # noqa: E731 - the weights as they will be stored
     t = {
