@@ -1,0 +1,95 @@
+"""Perplexity, bits/weight and size of a model under several recipes and methods, side by side in one run.
+
+    python benchmarks/quality_table.py [--src demo:smollm2-moe] [--data sotu] [--seq-len 512] [--max-windows 40]
+        [--recipes w4g128,w4g128-asym,w3g128,w2g64] [--methods rtn] [--expert-calibration routed]
+        [--calib sotu:train --calib-samples 64 --calib-seq-len 512] [--json out.json] [--workdir DIR]
+
+The first row is the unquantized source (its stored dtype). Each (recipe, method, expert calibration)
+is quantized into WORKDIR and evaluated on the same tokens; RTN rows need no calibration and appear
+once. Issue 3's table: the defaults. Issue 4's: --data sotu:test --recipes w4g128,w2g64
+--methods rtn,gptq,awq,awq+gptq --expert-calibration routed,all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import quantkit
+from quantkit.evals.data import load_text
+from quantkit.evals.perplexity import perplexity, tokenize_for_windows
+from quantkit.pipeline.quantize import CalibOptions, QuantizeOptions, quantize
+from quantkit.quant.config import get_recipe
+from quantkit.sources import resolve
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--src", default="demo:smollm2-moe")
+    ap.add_argument("--data", default="sotu")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--max-windows", type=int, default=40)
+    ap.add_argument("--recipes", default="w4g128,w4g128-asym,w3g128,w2g64")
+    ap.add_argument("--methods", default="rtn")
+    ap.add_argument("--expert-calibration", default="routed", help="comma list of routed,all")
+    ap.add_argument("--calib", default="sotu:train")
+    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--calib-seq-len", type=int, default=512)
+    ap.add_argument("--clip-search", action="store_true", help="quantize with the MSE clipping search")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--workdir", default=None, help="keep the quantized checkpoints here (default: a temp dir)")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+
+    src = resolve(a.src)
+    ids = tokenize_for_windows(quantkit.load_tokenizer(src), load_text(a.data), a.seq_len, a.max_windows)
+    work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="quantkit-table-"))
+    src_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    rows = []
+
+    def evaluate(name, path, bits, size, seconds):
+        model = quantkit.load(path)
+        r = perplexity(model, ids, a.seq_len, a.max_windows, model_name=name, data_name=a.data)
+        rows.append({"model": name, "perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens,
+                     "bits_per_weight_quantized": bits, "size_bytes": size, "quantize_seconds": seconds})
+        print(f"{name}: ppl {r.perplexity:.3f}", flush=True)
+
+    dtype = str(quantkit.load(src).model.embed_tokens.weight.dtype).replace("torch.", "")
+    evaluate(f"{a.src} ({dtype})", src, None, src_bytes, None)
+    for name in a.recipes.split(","):
+        for method in a.methods.split(","):
+            for mode in (["-"] if method == "rtn" else a.expert_calibration.split(",")):
+                recipe = get_recipe(name).with_method(method, a.clip_search or None)
+                calib = CalibOptions(data=a.calib, samples=a.calib_samples, seq_len=a.calib_seq_len,
+                                     expert_calibration="routed" if mode == "-" else mode)
+                label = f"{name} {method}" + ("" if mode == "-" else f" ({mode})")
+                out = work / label.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "-")
+                t0 = time.perf_counter()
+                rep = quantize(str(src), out, recipe, QuantizeOptions(force=True, progress=False, calib=calib))
+                evaluate(label, out, rep["bits_per_weight_quantized"], rep["size_bytes"], time.perf_counter() - t0)
+                if not a.workdir:
+                    shutil.rmtree(out)
+
+    base = rows[0]["perplexity"]
+    print(f"\n{a.src} on {a.data}: seq_len {a.seq_len}, {rows[0]['tokens']} predicted tokens"
+          f"{', clip search' if a.clip_search else ''}; calibration (non-RTN rows): {a.calib}, "
+          f"{a.calib_samples} x {a.calib_seq_len} tokens\n")
+    print("| model | perplexity | vs source | bits/weight (quantized part) | size |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        bits = "-" if r["bits_per_weight_quantized"] is None else f"{r['bits_per_weight_quantized']:.3f}"
+        print(f"| {r['model']} | {r['perplexity']:.3f} | {r['perplexity'] / base:.3f}x | {bits} | {r['size_bytes'] / 1e6:.1f} MB |")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"src": a.src, "data": a.data, "seq_len": a.seq_len, "max_windows": a.max_windows,
+                                            "clip_search": a.clip_search, "calib": a.calib, "calib_samples": a.calib_samples,
+                                            "calib_seq_len": a.calib_seq_len, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
