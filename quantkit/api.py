@@ -31,7 +31,8 @@ def load(src: str | os.PathLike, device: str | torch.device = "cpu", dtype=None,
     """Load a model for inference.
 
     src: an HF checkpoint directory or a built-in name (``random:ernie-tiny``, ``demo:smollm2-moe``, ...).
-    dtype: None keeps the checkpoint's dtype; the router and its bias always stay fp32.
+    dtype: None keeps the checkpoint's dtype on a GPU and computes in float32 on the CPU (where bf16
+        matmuls are slow; the bf16 values are exact in fp32); the router and its bias always stay fp32.
     backend: ``auto`` | ``torch`` | ``triton``. Only the pure-torch path exists so far: ``auto`` picks it;
         ``triton`` is refused until the Triton kernels land.
     verify: check each shard's sha256 against the one quantkit recorded when writing the checkpoint.
@@ -42,7 +43,10 @@ def load(src: str | os.PathLike, device: str | torch.device = "cpu", dtype=None,
         raise UsageError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
     if backend == "triton":
         raise UsageError("backend 'triton' is not built yet: the Triton kernels are a later milestone; use 'torch' or 'auto'")
-    return load_model(resolve(src), device=device, dtype=_dtype(dtype), verify=verify)
+    dtype = _dtype(dtype)
+    if dtype is None and torch.device(device).type == "cpu":
+        dtype = torch.float32  # bf16 matmuls are slow on most CPUs; bf16/fp16 weights are exact in fp32
+    return load_model(resolve(src), device=device, dtype=dtype, verify=verify)
 
 
 def load_tokenizer(src: str | os.PathLike) -> Tokenizer:
