@@ -23,6 +23,8 @@ import torch
 
 import quantkit
 from quantkit.evals.data import load_text
+from quantkit.model.config import ErnieMoeConfig
+from quantkit.model.loader import default_dtype
 from quantkit.evals.perplexity import perplexity, tokenize_for_windows
 from quantkit.pipeline.quantize import CalibOptions, QuantizeOptions, quantize
 from quantkit.quant.config import get_recipe
@@ -60,8 +62,8 @@ def main() -> None:
                      "bits_per_weight_quantized": bits, "size_bytes": size, "quantize_seconds": seconds})
         print(f"{name}: ppl {r.perplexity:.3f}", flush=True)
 
-    dtype = str(quantkit.load(src).model.embed_tokens.weight.dtype).replace("torch.", "")
-    evaluate(f"{a.src} ({dtype})", src, None, src_bytes, None)
+    dtype = str(default_dtype(ErnieMoeConfig.from_dir(src))).replace("torch.", "")
+    evaluate(f"{a.src} ({dtype} weights)", src, None, src_bytes, None)
     for name in a.recipes.split(","):
         for method in a.methods.split(","):
             for mode in (["-"] if method == "rtn" else a.expert_calibration.split(",")):
