@@ -168,7 +168,6 @@ def report_cmd(out, dest):
 @click.option("--sample/--greedy", default=False, show_default=True)
 @click.option("--temperature", default=0.8, show_default=True, type=float)
 @click.option("--top-p", default=0.95, show_default=True, type=float)
-@click.option("--calib-memory", default="4GB", show_default=True, help="hidden states kept in memory; the rest spills to disk")
 @click.option("--seed", default=0, show_default=True, type=int)
 @DEVICE
 @DTYPE
