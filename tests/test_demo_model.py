@@ -152,12 +152,11 @@ def test_moe_loads_in_transformers_and_routes_sparsely(gguf_model, moe_dir, dens
     for i, x in captured.items():
         _, _, chosen = model.model.layers[i].mlp.gate(x)  # [tokens, k] expert ids, as the model routed
         assert chosen.shape[1] == cfg.moe_k < cfg.moe_num_experts
-        load = torch.bincount(chosen.flatten(), minlength=cfg.moe_num_experts)
-        # sparse and token-dependent: more than k experts in use, and many different expert sets.
-        # (Not balanced: in deep layers 2-3 experts serve nearly every token and 1-2 almost none.)
-        assert (load > 0).sum() > cfg.moe_k, f"layer {i}: only {(load > 0).sum()} experts ever chosen: {load.tolist()}"
+        load = torch.bincount(chosen.flatten(), minlength=cfg.moe_num_experts) / chosen.shape[0]  # pick rate
+        # every expert serves some tokens, none serves (nearly) all: the builder balances the loads
+        assert (load > 0.02).all() and (load < 0.95).all(), f"layer {i}: unbalanced loads {load.tolist()}"
         patterns = {tuple(sorted(row)) for row in chosen.tolist()}
-        assert len(patterns) >= 10, f"layer {i}: routing barely depends on the token"
+        assert len(patterns) >= 20, f"layer {i}: routing barely depends on the token"
 
     dense = Ernie4_5_MoeForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()
     ratio = math.exp(moe_nll - _nll(dense, ids))
