@@ -55,12 +55,20 @@ def main() -> None:
     src_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     rows = []
 
+    def save():
+        if a.json:
+            Path(a.json).write_text(json.dumps({
+                "src": a.src, "data": a.data, "seq_len": a.seq_len, "max_windows": a.max_windows,
+                "clip_search": a.clip_search, "calib": a.calib, "calib_samples": a.calib_samples,
+                "calib_seq_len": a.calib_seq_len, "threads": torch.get_num_threads(), "rows": rows}, indent=2) + "\n")
+
     def evaluate(name, path, bits, size, seconds):
         model = quantkit.load(path)
         r = perplexity(model, ids, a.seq_len, a.max_windows, model_name=name, data_name=a.data)
         rows.append({"model": name, "perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens,
                      "bits_per_weight_quantized": bits, "size_bytes": size, "quantize_seconds": seconds})
         print(f"{name}: ppl {r.perplexity:.3f}", flush=True)
+        save()  # after every row: a long run that dies keeps what it measured
 
     dtype = str(default_dtype(ErnieMoeConfig.from_dir(src))).replace("torch.", "")
     evaluate(f"{a.src} ({dtype} weights)", src, None, src_bytes, None)
@@ -87,10 +95,6 @@ def main() -> None:
     for r in rows:
         bits = "-" if r["bits_per_weight_quantized"] is None else f"{r['bits_per_weight_quantized']:.3f}"
         print(f"| {r['model']} | {r['perplexity']:.3f} | {r['perplexity'] / base:.3f}x | {bits} | {r['size_bytes'] / 1e6:.1f} MB |")
-    if a.json:
-        Path(a.json).write_text(json.dumps({"src": a.src, "data": a.data, "seq_len": a.seq_len, "max_windows": a.max_windows,
-                                            "clip_search": a.clip_search, "calib": a.calib, "calib_samples": a.calib_samples,
-                                            "calib_seq_len": a.calib_seq_len, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
