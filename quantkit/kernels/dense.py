@@ -23,7 +23,7 @@ import triton.language as tl
 
 from quantkit.kernels import dispatch
 from quantkit.kernels.reference import IntWeight
-from quantkit.kernels.tiles import KIND_CODE2, KIND_INT, column_params, dot_in_f32, tile_mma, weight_tile
+from quantkit.kernels.tiles import KIND_CODE2, KIND_INT, column_params, dot_in_f32, cast, tile_mma, weight_tile
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,8 @@ class Config:
 def _linear_kernel(x_ptr, out_ptr, a_ptr, b_ptr, c_ptr, d_ptr, e_ptr, M, N, K, KW, group_size,
                    stride_xm, stride_om, stride_os, sra, srb, src,
                    KIND: tl.constexpr, BITS: tl.constexpr, ASYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                   BK: tl.constexpr, SPLIT_K: tl.constexpr, SCALE_IN_TILE: tl.constexpr, DOT_F32: tl.constexpr):
+                   BK: tl.constexpr, SPLIT_K: tl.constexpr, SCALE_IN_TILE: tl.constexpr, DOT_F32: tl.constexpr,
+                INTERPRET: tl.constexpr):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
     pid_n = pid // num_m  # neighbouring programs share a weight tile (L2 reuse across token tiles)
@@ -62,9 +63,9 @@ def _linear_kernel(x_ptr, out_ptr, a_ptr, b_ptr, c_ptr, d_ptr, e_ptr, M, N, K, K
         offs_k = kt * BK + tl.arange(0, BK)
         xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
                      mask=m_mask[None, :] & (offs_k[:, None] < K), other=0.0)
-        acc = tile_mma(acc, q, s, xt, SCALE_IN_TILE, DOT_F32)
+        acc = tile_mma(acc, q, s, xt, SCALE_IN_TILE, DOT_F32, INTERPRET)
     out = out_ptr + tl.program_id(1) * stride_os + offs_m[None, :] * stride_om + offs_n[:, None]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[None, :] & n_mask[:, None])
+    tl.store(out, cast(acc, out_ptr.dtype.element_ty, INTERPRET), mask=m_mask[None, :] & n_mask[:, None])
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -121,6 +122,7 @@ def launch_linear(x: torch.Tensor, kind: int, ptrs: tuple, strides: tuple, n: in
     _linear_kernel[grid](x2, out, *ptrs, m, n, k, kw, group_size, x2.stride(0), out.stride(1), out.stride(0), *strides,
                          KIND=kind, BITS=bits, ASYM=asym, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SPLIT_K=cfg.split_k,
                          SCALE_IN_TILE=cfg.scale_in_tile, DOT_F32=dot_in_f32(x.dtype, dispatch.interpreting()),
+                         INTERPRET=dispatch.interpreting(),
                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     y = out[0] if cfg.split_k == 1 else out.sum(0).to(x.dtype)
     if bias is not None:

@@ -27,7 +27,7 @@ from quantkit.kernels import dispatch
 from quantkit.kernels.code2 import code2_args
 from quantkit.kernels.dense import Config, int_args, tile_k
 from quantkit.kernels.reference import Code2Weight, IntWeight
-from quantkit.kernels.tiles import KIND_CODE2, KIND_INT, column_params, dot_in_f32, tile_mma, weight_tile
+from quantkit.kernels.tiles import KIND_CODE2, KIND_INT, column_params, dot_in_f32, cast, tile_mma, weight_tile
 
 PAIR_BLOCK_TOKENS = 2  # up to this many tokens, every (token, expert) pair is its own block (no sort)
 
@@ -39,7 +39,8 @@ def _moe_kernel(x_ptr, out_ptr, rows_ptr, block_expert_ptr, rw_ptr,
                 sea, seb, sec, sed, see, sra, srb, src,
                 ROW_DIV: tl.constexpr, GATE_UP: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr,
                 ASYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                SCALE_IN_TILE: tl.constexpr, DOT_F32: tl.constexpr):
+                SCALE_IN_TILE: tl.constexpr, DOT_F32: tl.constexpr,
+                INTERPRET: tl.constexpr):
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BN)
     blk = pid // num_n
@@ -66,17 +67,17 @@ def _moe_kernel(x_ptr, out_ptr, rows_ptr, block_expert_ptr, rw_ptr,
                      mask=m_mask[None, :] & (offs_k[:, None] < K), other=0.0)
         q, s = weight_tile(ga, gb, gc, sra, srb, src, offs_n, n_mask, kt, KW, group_size, g_sup, g_cs, g_zp,
                            KIND, BITS, ASYM, BN, BK)
-        acc = tile_mma(acc, q, s, xt, SCALE_IN_TILE, DOT_F32)
+        acc = tile_mma(acc, q, s, xt, SCALE_IN_TILE, DOT_F32, INTERPRET)
         if GATE_UP:
             q, s = weight_tile(ua, ub, uc, sra, srb, src, offs_n, n_mask, kt, KW, group_size, u_sup, u_cs, u_zp,
                                KIND, BITS, ASYM, BN, BK)
-            acc_up = tile_mma(acc_up, q, s, xt, SCALE_IN_TILE, DOT_F32)
+            acc_up = tile_mma(acc_up, q, s, xt, SCALE_IN_TILE, DOT_F32, INTERPRET)
     if GATE_UP:
         acc = acc * tl.sigmoid(acc) * acc_up
     else:
         acc = acc * tl.load(rw_ptr + rows, mask=m_mask, other=0.0)[None, :]
     out = out_ptr + rows[None, :] * stride_om + offs_n[:, None]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[None, :] & n_mask[:, None])
+    tl.store(out, cast(acc, out_ptr.dtype.element_ty, INTERPRET), mask=m_mask[None, :] & n_mask[:, None])
 
 
 def align(topk_ids: torch.Tensor, num_experts: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +132,8 @@ def _launch(x, out, rows, block_expert, rw, first, second, top_k: int, gate_up: 
     _moe_kernel[grid](x, out, rows, block_expert, rw, *ptrs, *uptrs, n, k, kw, group, p, e, x.stride(0), out.stride(0),
                       *es, *rs, ROW_DIV=top_k if gate_up else 1, GATE_UP=gate_up, KIND=kind, BITS=bits, ASYM=asym,
                       BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SCALE_IN_TILE=cfg.scale_in_tile,
-                      DOT_F32=dot_in_f32(x.dtype, dispatch.interpreting()), num_warps=cfg.num_warps,
+                      DOT_F32=dot_in_f32(x.dtype, dispatch.interpreting()), INTERPRET=dispatch.interpreting(),
+                      num_warps=cfg.num_warps,
                       num_stages=cfg.num_stages)
 
 

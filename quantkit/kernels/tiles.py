@@ -91,7 +91,18 @@ def weight_tile(a_ptr, b_ptr, c_ptr, sra, srb, src, offs_n, n_mask, kt, KW, grou
 
 
 @triton.jit
-def tile_mma(acc, q, s, xt, SCALE_IN_TILE: tl.constexpr, DOT_F32: tl.constexpr):
+def cast(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 -> ``dtype``, rounding to nearest even. Triton's interpreter truncates fp32 -> bf16, so there the
+    rounding is done by hand first (then the cast is exact): the CPU tests see the GPU's numerics."""
+    if INTERPRET and dtype == tl.bfloat16:
+        b = x.to(tl.uint32, bitcast=True)
+        b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+        x = b.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def tile_mma(acc, q, s, xt, SCALE_IN_TILE: tl.constexpr, DOT_F32: tl.constexpr, INTERPRET: tl.constexpr):
     """acc [BN, BM] += (q * s[:, None]) @ xt, q [BN, BK] exact integers (fp32), xt [BK, BM] activations.
 
     SCALE_IN_TILE scales the tile before the product (the weights the torch twin builds, rounded to the
@@ -102,7 +113,7 @@ def tile_mma(acc, q, s, xt, SCALE_IN_TILE: tl.constexpr, DOT_F32: tl.constexpr):
         if SCALE_IN_TILE:
             w = q * s[:, None]
             if xt.dtype != tl.float32:
-                w = w.to(xt.dtype).to(tl.float32)  # the rounding the twin's weights get
+                w = cast(w, xt.dtype, INTERPRET).to(tl.float32)  # the rounding the twin's weights get
             acc = tl.dot(w, xt.to(tl.float32), acc, input_precision="ieee")
         else:
             acc += tl.dot(q, xt.to(tl.float32), input_precision="ieee") * s[:, None]
