@@ -57,7 +57,7 @@ def random_code2_weight(lead: tuple, n: int, k: int, gen: torch.Generator, devic
     ws = torch.randint(0, 256, (*lead, -(-k // 128), n), generator=gen, dtype=torch.uint8)
     if (k // 64) % 2:  # an odd trailing group leaves the low nibble 0, as the writer does
         ws[..., -1, :] &= 0xF0
-    sup = (0.002 + 0.01 * torch.rand(*lead, n, generator=gen)).to(torch.bfloat16)
+    sup = (0.0005 + 0.002 * torch.rand(*lead, n, generator=gen)).to(torch.bfloat16)
     cs = torch.randint(1, 64 * 256, (*lead, n), generator=gen).float() / 256
     zp = torch.randint(0, 64 * 256, (*lead, n), generator=gen).float() / 256
     return Code2Weight(*(t.to(device) for t in (qw, ws, sup, cs, zp)))
