@@ -14,7 +14,6 @@ import os
 import torch
 
 from quantkit.errors import UsageError
-from quantkit.kernels import reference
 
 BACKENDS = ("auto", "torch", "triton")
 POISON = False  # tests set it: every buffer the kernels allocate starts as NaN (-1 for ints)
@@ -60,15 +59,19 @@ def set_backend(model: torch.nn.Module, backend: str) -> int:
     return count
 
 
-def kernel_reads(w: reference.Weight) -> bool:
+def kernel_reads(w) -> bool:
     """Whether the Triton kernels read this weight (else the torch twin runs)."""
+    from quantkit.kernels import reference
+
     if isinstance(w, reference.Code2Weight):
         return True
     return w.bits in reference.KERNEL_BITS and w.group_size >= 16 and (w.group_size == w.k or (w.group_size & (w.group_size - 1)) == 0)
 
 
-def linear(x: torch.Tensor, w: reference.Weight, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
+def linear(x: torch.Tensor, w, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
     """x @ W^T (+ bias) through the Triton kernel when ``backend`` is triton and it reads ``w``, else the twin."""
+    from quantkit.kernels import reference
+
     if backend == "triton" and kernel_reads(w):
         if isinstance(w, reference.Code2Weight):
             from quantkit.kernels.code2 import code2_linear
@@ -80,9 +83,12 @@ def linear(x: torch.Tensor, w: reference.Weight, bias: torch.Tensor | None, back
     return reference.linear(x, w, bias)
 
 
-def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate: reference.Weight,
-              up: reference.Weight, down: reference.Weight, backend: str) -> torch.Tensor:
-    """Routed experts for x [T, H] with stacked [E, ...] weights: the fused Triton MoE, or the twin's loop."""
+def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate, up, down,
+              backend: str) -> torch.Tensor:
+    """Routed experts for x [T, H] with stacked [E, ...] weights (``reference.IntWeight`` / ``Code2Weight``):
+    the fused Triton MoE, or the twin's loop."""
+    from quantkit.kernels import reference
+
     if backend == "triton" and all(kernel_reads(w) for w in (gate, up, down)):
         from quantkit.kernels.fused_moe import fused_moe as triton_moe
 
