@@ -94,8 +94,9 @@ class QuantExperts(Experts):
         return F.linear(x, w.weight(x.dtype, e) if isinstance(w, PackedWeight) else w[e])
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        """The fused MoE kernels when the backend is triton and every projection is quantized; else the loop."""
-        projs = [getattr(self, name) for name in ("gate_proj", "up_proj", "down_proj")]
-        if self.backend == "torch" or self.observer is not None or not all(isinstance(p, PackedWeight) for p in projs):
+        """The fused MoE kernels when the backend is triton and every projection is a quantized stack (one with
+        ``kernel_weight()``); else the loop over experts."""
+        projs = [getattr(self, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+        if self.backend == "torch" or self.observer is not None or not all(hasattr(p, "kernel_weight") for p in projs):
             return super().forward(x, topk_ids, topk_weights)
         return dispatch.fused_moe(x, topk_ids, topk_weights, *(p.kernel_weight() for p in projs), self.backend)
