@@ -36,6 +36,8 @@ def _friendly(fn):
 
 DEVICE = click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
 DTYPE = click.option("--dtype", default=None, help="bfloat16|float16|float32 (default: the checkpoint's)")
+BACKEND = click.option("--backend", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True,
+                       help="quantized layers: Triton kernels (CUDA) or torch dequant+matmul; auto = triton on CUDA")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -60,13 +62,14 @@ def eval_group():
 @click.option("--max-windows", default=None, type=int, help="evaluate at most N windows")
 @DEVICE
 @DTYPE
+@BACKEND
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="write the result as JSON here")
 @_friendly
-def perplexity_cmd(src, data, seq_len, max_windows, device, dtype, json_path):
+def perplexity_cmd(src, data, seq_len, max_windows, device, dtype, backend, json_path):
     """Perplexity of SRC on DATA (non-overlapping windows, documents joined by blank lines)."""
     from quantkit.evals.perplexity import evaluate_perplexity
 
-    r = evaluate_perplexity(src, data, seq_len, max_windows, device=device, dtype=dtype)
+    r = evaluate_perplexity(src, data, seq_len, max_windows, device=device, dtype=dtype, backend=backend)
     click.echo(f"perplexity {r.perplexity:.4f}  (nll {r.nll:.4f}, {r.tokens} tokens, {r.windows} windows x {r.seq_len}, "
                f"model {r.model}, data {r.data}, {r.seconds:.1f}s)")
     if json_path:
@@ -171,15 +174,16 @@ def report_cmd(out, dest):
 @click.option("--seed", default=0, show_default=True, type=int)
 @DEVICE
 @DTYPE
+@BACKEND
 @_friendly
-def generate_cmd(src, prompt, max_new_tokens, sample, temperature, top_p, seed, device, dtype):
+def generate_cmd(src, prompt, max_new_tokens, sample, temperature, top_p, seed, device, dtype, backend):
     """Continue PROMPT with SRC (greedy by default)."""
     import torch
 
     import quantkit
 
     tok = quantkit.load_tokenizer(src)
-    model = quantkit.load(src, device=device, dtype=dtype)
+    model = quantkit.load(src, device=device, dtype=dtype, backend=backend)
     ids = tok.encode(prompt)
     if not ids:
         raise QuantkitError("the prompt tokenizes to nothing", exit_code=2)

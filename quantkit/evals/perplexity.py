@@ -85,7 +85,7 @@ def perplexity(
 
 
 def evaluate_perplexity(src: str, data: str, seq_len: int = 2048, max_windows: int | None = None,
-                        device="cpu", dtype=None, progress: bool = True) -> PerplexityResult:
+                        device="cpu", dtype=None, progress: bool = True, backend: str = "auto") -> PerplexityResult:
     """Load ``src`` and its tokenizer, read ``data``, and measure perplexity."""
     import quantkit
     from quantkit.evals.data import load_text
@@ -96,5 +96,5 @@ def evaluate_perplexity(src: str, data: str, seq_len: int = 2048, max_windows: i
     ErnieMoeConfig.from_dir(path)  # fail on a bad model before reading data
     tokenizer = quantkit.load_tokenizer(path)
     ids = tokenize_for_windows(tokenizer, load_text(data), seq_len, max_windows)
-    model = quantkit.load(path, device=device, dtype=dtype)
+    model = quantkit.load(path, device=device, dtype=dtype, backend=backend)
     return perplexity(model, ids, seq_len, max_windows, device=device, model_name=str(src), data_name=data, progress=progress)

@@ -15,6 +15,12 @@ Per quantized linear ``P`` (``[N, K]``; routed experts use per-expert Hub names
     P.weight_shape       int64 [2]                 (N, K)
 Unquantized tensors keep their Hub names and dtypes.
 
+The Triton kernels (``quantkit/kernels``) read these tensors as they are, with no load-time repack. A weight
+tile is ``[BN rows, BK/(32/b) words]`` of ``weight_packed``; it is unpacked in registers by shifting along a
+new last axis, and a row-major reshape puts element k of word w at w*(32/b)+k. Zero points come from the word
+of row n, ``n // (32/b)``. So the checkpoint on disk, the buffers in memory and the kernels share one layout.
+3-bit fields straddle words, and those weights keep the torch path.
+
 config.json gains ``quantization_config`` (quant_method compressed-tensors, format pack-quantized,
 config_groups with ``re:`` targets, ignore); quantkit's own metadata (format version, recipe, tool
 version, per-shard sha256, the plan) goes to ``quantkit.json`` beside it.

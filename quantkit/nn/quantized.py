@@ -4,6 +4,9 @@
 experts 3-D: each projection is a ``PackedStack`` of ``[E, ...]`` tensors whose names mirror the
 per-expert ones on disk (``experts.gate_proj.weight_packed`` <- ``experts.{e}.gate_proj.weight_packed``).
 Buffer names and shapes come from the format module.
+
+``backend`` ("torch" by default; ``quantkit.load(..., backend=...)`` sets it) picks the pure-torch path or the
+Triton kernels (``quantkit.kernels``), which read the same buffers.
 """
 
 from __future__ import annotations
@@ -13,12 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantkit.format.compressed_tensors import PACKED, SCALE, SHAPE, ZERO, packed_words, unpack_rows
+from quantkit.kernels import dispatch
+from quantkit.kernels.reference import IntWeight
 from quantkit.model.layers import Experts
 from quantkit.quant.qtensor import QTensor
 
 
 class PackedWeight(nn.Module):
     """The packed tensors of one ``[N, K]`` weight, or of E of them stacked (``lead=(E,)``)."""
+
+    backend = "torch"
 
     def __init__(self, n: int, k: int, bits: int, group_size: int, symmetric: bool, scale_dtype: torch.dtype, lead=()):
         super().__init__()
@@ -44,6 +51,11 @@ class PackedWeight(nn.Module):
     def weight(self, dtype: torch.dtype, index: int | None = None) -> torch.Tensor:
         return self.qtensor(index).dequantize(dtype)
 
+    def kernel_weight(self) -> IntWeight:
+        """The buffers as the kernels take them (views, no copy)."""
+        return IntWeight(self.weight_packed, self.weight_scale, self.weight_zero_point, self.bits, self.group_size,
+                         self.n, self.k)
+
 
 class QuantLinear(PackedWeight):
     """Drop-in for ``nn.Linear``: buffers named as on disk (``q_proj.weight_packed``, ...)."""
@@ -55,11 +67,15 @@ class QuantLinear(PackedWeight):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend != "torch":
+            return dispatch.linear(x, self.kernel_weight(), self.bias, self.backend)
         return F.linear(x, self.weight(x.dtype), self.bias)
 
 
 class QuantExperts(Experts):
     """Routed experts with packed per-projection stacks; ``project`` dequantizes one expert's weight."""
+
+    backend = "torch"
 
     def __init__(self, num_experts: int, hidden: int, inter: int, schemes: dict[str, tuple[int, int, bool]],
                  scale_dtype: torch.dtype):
@@ -76,3 +92,11 @@ class QuantExperts(Experts):
     def project(self, e: int, name: str, x: torch.Tensor) -> torch.Tensor:
         w = getattr(self, name)
         return F.linear(x, w.weight(x.dtype, e) if isinstance(w, PackedWeight) else w[e])
+
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """The fused MoE kernels when the backend is triton and every projection is a quantized stack (one with
+        ``kernel_weight()``); else the loop over experts."""
+        projs = [getattr(self, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+        if self.backend == "torch" or self.observer is not None or not all(hasattr(p, "kernel_weight") for p in projs):
+            return super().forward(x, topk_ids, topk_weights)
+        return dispatch.fused_moe(x, topk_ids, topk_weights, *(p.kernel_weight() for p in projs), self.backend)

@@ -1,0 +1,155 @@
+"""Triton dequant-GEMM for dense layers: compressed-tensors int2/int4/int8 weights (grouped or per-channel,
+symmetric or asymmetric) and, through ``code2.py``, the 2-bit code; bf16 / fp16 (and fp32) activations.
+
+The kernels read the checkpoint's packed tensors as they are (no load-time repack; the format module says
+why). One kernel covers both regimes; ``pick_config`` chooses its tiles from M:
+
+* decode (M <= 16): 16 token columns (``tl.dot``'s minimum), 64 weight rows per program and **split-K**: the
+  K tiles are cut into ``S`` contiguous ranges, one per program on grid axis 1, so that M = 1..16 still puts
+  about two programs per SM on the GPU; each split writes an fp32 partial ``[S, M, N]`` that torch sums
+  (deterministic, no atomics). Scales are applied to the fp32 tile product (one multiply per output, not
+  per weight).
+* prefill (M > 16): larger token tiles, no split once the output tiles fill the GPU, scales applied to the
+  weight tile before the MMA so the accumulator chains through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from quantkit.kernels import dispatch
+from quantkit.kernels.reference import IntWeight
+from quantkit.kernels.tiles import KIND_CODE2, KIND_INT, column_params, dot_in_f32, cast, tile_mma, weight_tile
+
+
+@dataclass(frozen=True)
+class Config:
+    bm: int  # tokens per program (the MMA's N side; >= 16)
+    bn: int  # weight rows (output features) per program
+    bk: int  # inputs per K tile (divides the scale group)
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    scale_in_tile: bool = False
+
+
+@triton.jit
+def _linear_kernel(x_ptr, out_ptr, a_ptr, b_ptr, c_ptr, d_ptr, e_ptr, M, N, K, KW, group_size,
+                   stride_xm, stride_om, stride_os, sra, srb, src,
+                   KIND: tl.constexpr, BITS: tl.constexpr, ASYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                   BK: tl.constexpr, SPLIT_K: tl.constexpr, SCALE_IN_TILE: tl.constexpr, DOT_F32: tl.constexpr,
+                INTERPRET: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    pid_n = pid // num_m  # neighbouring programs share a weight tile (L2 reuse across token tiles)
+    pid_m = pid % num_m
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_mask = offs_n < N
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    m_mask = offs_m < M
+    k_tiles = tl.cdiv(K, BK)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    kt0 = tl.program_id(1) * per_split
+    kt1 = tl.minimum(kt0 + per_split, k_tiles)
+    sup, cs, zp = column_params(c_ptr, d_ptr, e_ptr, offs_n, n_mask, KIND)
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    for kt in range(kt0, kt1):
+        q, s = weight_tile(a_ptr, b_ptr, c_ptr, sra, srb, src, offs_n, n_mask, kt, KW, group_size, sup, cs, zp,
+                           KIND, BITS, ASYM, BN, BK)
+        offs_k = kt * BK + tl.arange(0, BK)
+        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
+                     mask=m_mask[None, :] & (offs_k[:, None] < K), other=0.0)
+        acc = tile_mma(acc, q, s, xt, SCALE_IN_TILE, DOT_F32, INTERPRET)
+    out = out_ptr + tl.program_id(1) * stride_os + offs_m[None, :] * stride_om + offs_n[:, None]
+    tl.store(out, cast(acc, out_ptr.dtype.element_ty, INTERPRET), mask=m_mask[None, :] & n_mask[:, None])
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    d = 1
+    while d * 2 <= cap and n % (d * 2) == 0:
+        d *= 2
+    return d
+
+
+def tile_k(group_size: int, k: int, kind: int, cap: int = 128) -> int:
+    """The K tile: the 2-bit code's 64-group; else the largest power of two <= cap dividing the group
+    (any, for one group per row); 0 when no tile of at least 16 fits (the caller falls back to torch)."""
+    if kind == KIND_CODE2:
+        return 64
+    if group_size == k:
+        return cap
+    bk = _pow2_divisor(group_size, cap)
+    return bk if bk >= 16 else 0
+
+
+def pick_config(m: int, n: int, k: int, bk: int, device: torch.device) -> Config:
+    """Tiles for an [M, K] x [N, K]^T product (defaults; the GPU benchmarks are where they get tuned)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    if m <= 16:
+        bm, bn, warps, stages, in_tile = 16, 64, 4, 4, False
+    elif m <= 64:
+        bm, bn, warps, stages, in_tile = 32 if m <= 32 else 64, 64, 4, 4, False
+    else:
+        bm, bn, warps, stages, in_tile = 64, 128, 8, 3, True
+        bk = min(bk, 64)
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    k_tiles = triton.cdiv(k, bk)
+    split = max(1, min(k_tiles // 2, (2 * sms) // tiles)) if tiles < sms else 1
+    return Config(bm, bn, bk, split, warps, stages, in_tile)
+
+
+def launch_linear(x: torch.Tensor, kind: int, ptrs: tuple, strides: tuple, n: int, k: int, kw: int, group_size: int,
+                  bits: int, asym: bool, bias: torch.Tensor | None, config: Config | None) -> torch.Tensor:
+    """x [.., K] -> [.., N] through ``_linear_kernel``; ptrs (a..e) and row strides (a..c) as in ``tiles``."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_zeros(*lead, n)
+    bk = tile_k(group_size, k, kind)
+    cfg = config or pick_config(m, n, k, bk, x.device)
+    grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), cfg.split_k)
+    if cfg.split_k == 1:
+        out = dispatch.empty((1, m, n), x.dtype, x.device)
+    else:
+        out = dispatch.empty((cfg.split_k, m, n), torch.float32, x.device)
+    _linear_kernel[grid](x2, out, *ptrs, m, n, k, kw, group_size, x2.stride(0), out.stride(1), out.stride(0), *strides,
+                         KIND=kind, BITS=bits, ASYM=asym, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SPLIT_K=cfg.split_k,
+                         SCALE_IN_TILE=cfg.scale_in_tile, DOT_F32=dot_in_f32(x.dtype, dispatch.interpreting()),
+                         INTERPRET=dispatch.interpreting(),
+                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    y = out[0] if cfg.split_k == 1 else out.sum(0).to(x.dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*lead, n)
+
+
+def int_args(w: IntWeight) -> tuple[tuple, tuple]:
+    """(pointers a..e, row strides a..c) of an int weight; a missing zero point passes the scales (unused)."""
+    for t in (w.packed, w.scale) + (() if w.zero is None else (w.zero,)):
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            raise ValueError("int kernel tensors need a contiguous last dimension")
+    zero = w.scale if w.zero is None else w.zero
+    return (w.packed, w.scale, zero, w.scale, w.scale), (w.packed.stride(-2), w.scale.stride(-2), zero.stride(-2))
+
+
+def supports_int(w: IntWeight) -> bool:
+    return w.bits in (2, 4, 8) and tile_k(w.group_size, w.k, KIND_INT) > 0
+
+
+def int_linear(x: torch.Tensor, w: IntWeight, bias: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
+    """x [.., K] -> x @ W^T (+ bias) [.., N] in x's dtype; the twin is ``reference.int_linear``."""
+    if not supports_int(w):
+        raise ValueError(f"the int kernel reads 2/4/8-bit weights with power-of-two groups of >= 16, got "
+                         f"{w.bits}-bit, group {w.group_size}")
+    if config is not None and w.group_size != w.k and w.group_size % config.bk:
+        raise ValueError(f"K tile {config.bk} straddles groups of {w.group_size}")
+    ptrs, strides = int_args(w)
+    return launch_linear(x, KIND_INT, ptrs, strides, w.n, w.k, w.packed.shape[-1], w.group_size, w.bits,
+                         w.zero is not None, bias, config)

@@ -1,0 +1,96 @@
+"""The backend switch (``auto`` | ``triton`` | ``torch``) and the two entry points quantized modules call.
+
+``auto`` is Triton on a CUDA device (when triton is installed) and torch elsewhere. ``triton`` on a machine
+without CUDA is allowed only under ``TRITON_INTERPRET=1`` (Triton's CPU interpreter: tests). Weights a kernel
+cannot read (3-bit fields straddle int32 words; groups under 16) take the torch path whatever the backend.
+Modules opt in by declaring a class attribute ``backend = "torch"``; ``set_backend`` sets it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from quantkit.errors import UsageError
+
+BACKENDS = ("auto", "torch", "triton")
+POISON = False  # tests set it: every buffer the kernels allocate starts as NaN (-1 for ints)
+
+
+def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if POISON:
+        t.fill_(float("nan") if dtype.is_floating_point else -1)
+    return t
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve(backend: str, device) -> str:
+    """The backend to run with on ``device``: ``torch`` or ``triton``; a clear error where Triton cannot run."""
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    on_cuda = torch.device(device).type == "cuda"
+    if backend == "torch" or (backend == "auto" and not (on_cuda and triton_available())):
+        return "torch"
+    if not triton_available():
+        raise UsageError("backend 'triton' needs the triton package (Linux: pip install triton); use --backend torch")
+    if not on_cuda and not interpreting():
+        raise UsageError(f"backend 'triton' needs a CUDA device, not {device} (TRITON_INTERPRET=1 runs the kernels in "
+                         "Triton's slow CPU interpreter, for tests); use --backend torch")
+    return "triton"
+
+
+def set_backend(model: torch.nn.Module, backend: str) -> int:
+    """Set ``backend`` ('torch' or 'triton') on every module that has one. Returns how many."""
+    count = 0
+    for mod in model.modules():
+        if hasattr(type(mod), "backend"):
+            mod.backend = backend
+            count += 1
+    return count
+
+
+def kernel_reads(w) -> bool:
+    """Whether the Triton kernels read this weight (else the torch twin runs)."""
+    from quantkit.kernels import reference
+
+    if isinstance(w, reference.Code2Weight):
+        return True
+    return w.bits in reference.KERNEL_BITS and w.group_size >= 16 and (w.group_size == w.k or (w.group_size & (w.group_size - 1)) == 0)
+
+
+def linear(x: torch.Tensor, w, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """x @ W^T (+ bias) through the Triton kernel when ``backend`` is triton and it reads ``w``, else the twin."""
+    from quantkit.kernels import reference
+
+    if backend == "triton" and kernel_reads(w):
+        if isinstance(w, reference.Code2Weight):
+            from quantkit.kernels.code2 import code2_linear
+
+            return code2_linear(x, w, bias)
+        from quantkit.kernels.dense import int_linear
+
+        return int_linear(x, w, bias)
+    return reference.linear(x, w, bias)
+
+
+def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate, up, down,
+              backend: str) -> torch.Tensor:
+    """Routed experts for x [T, H] with stacked [E, ...] weights (``reference.IntWeight`` / ``Code2Weight``):
+    the fused Triton MoE, or the twin's loop."""
+    from quantkit.kernels import reference
+
+    if backend == "triton" and all(kernel_reads(w) for w in (gate, up, down)):
+        from quantkit.kernels.fused_moe import fused_moe as triton_moe
+
+        return triton_moe(x, topk_ids, topk_weights, gate, up, down)
+    return reference.fused_moe(x, topk_ids, topk_weights, gate, up, down)

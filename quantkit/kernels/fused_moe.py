@@ -1,0 +1,166 @@
+"""Fused MoE in Triton for int (compressed-tensors) and 2-bit-code expert weights.
+
+    route (the caller) -> align -> gate_up launch -> down launch -> combine
+
+* **align** (torch ops, no host sync, so a CUDA graph can hold it): the T*k (token, slot) pairs are sorted by
+  expert and each expert's run is padded to a multiple of ``BM``; ``rows`` lists pair ids block by block
+  (padding = P, the pair count) and ``block_expert`` names each block's expert (E past the end: the program
+  exits). Capacity is the worst case, P + min(E, P)*(BM-1) rounded up, so shapes never depend on routing.
+  With one or two tokens (decode) every pair is its own block: no sort at all.
+* **gate_up**: one launch over (block, N tile): each program gathers its tokens' rows of x, decodes the gate
+  and the up tile of its expert in registers, accumulates both, and writes h = silu(gate)*up for each pair.
+* **down**: one launch over (block, N tile): rows of h, times the pair's routing weight, written per pair
+  in fp32.
+* **combine**: out[t] = Σ_slot y[t, slot] (fp32 sum, then the activation dtype).
+
+No split-K here (the SiLU needs whole sums, and six experts x 24..40 tiles already give the GPU a few hundred
+programs at decode).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from quantkit.kernels import dispatch
+from quantkit.kernels.code2 import code2_args
+from quantkit.kernels.dense import Config, int_args, tile_k
+from quantkit.kernels.reference import Code2Weight, IntWeight
+from quantkit.kernels.tiles import KIND_CODE2, KIND_INT, column_params, dot_in_f32, cast, tile_mma, weight_tile
+
+PAIR_BLOCK_TOKENS = 2  # up to this many tokens, every (token, expert) pair is its own block (no sort)
+
+
+@triton.jit
+def _moe_kernel(x_ptr, out_ptr, rows_ptr, block_expert_ptr, rw_ptr,
+                ga, gb, gc, gd, ge, ua, ub, uc, ud, ue,
+                N, K, KW, group_size, P, E, stride_xm, stride_om,
+                sea, seb, sec, sed, see, sra, srb, src,
+                ROW_DIV: tl.constexpr, GATE_UP: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr,
+                ASYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                SCALE_IN_TILE: tl.constexpr, DOT_F32: tl.constexpr,
+                INTERPRET: tl.constexpr):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BN)
+    blk = pid // num_n
+    pid_n = pid % num_n
+    e = tl.load(block_expert_ptr + blk)
+    if e >= E:
+        return
+    rows = tl.load(rows_ptr + blk * BM + tl.arange(0, BM))  # pair ids; P marks padding
+    m_mask = rows < P
+    x_rows = rows // ROW_DIV  # gate_up reads token rows of x, down reads pair rows of h
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_mask = offs_n < N
+    e = e.to(tl.int64)
+    ga, gb, gc, gd, ge = ga + e * sea, gb + e * seb, gc + e * sec, gd + e * sed, ge + e * see
+    g_sup, g_cs, g_zp = column_params(gc, gd, ge, offs_n, n_mask, KIND)
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    if GATE_UP:
+        ua, ub, uc, ud, ue = ua + e * sea, ub + e * seb, uc + e * sec, ud + e * sed, ue + e * see
+        u_sup, u_cs, u_zp = column_params(uc, ud, ue, offs_n, n_mask, KIND)
+        acc_up = tl.zeros((BN, BM), dtype=tl.float32)
+    for kt in range(0, tl.cdiv(K, BK)):
+        offs_k = kt * BK + tl.arange(0, BK)
+        xt = tl.load(x_ptr + x_rows[None, :] * stride_xm + offs_k[:, None],
+                     mask=m_mask[None, :] & (offs_k[:, None] < K), other=0.0)
+        q, s = weight_tile(ga, gb, gc, sra, srb, src, offs_n, n_mask, kt, KW, group_size, g_sup, g_cs, g_zp,
+                           KIND, BITS, ASYM, BN, BK)
+        acc = tile_mma(acc, q, s, xt, SCALE_IN_TILE, DOT_F32, INTERPRET)
+        if GATE_UP:
+            q, s = weight_tile(ua, ub, uc, sra, srb, src, offs_n, n_mask, kt, KW, group_size, u_sup, u_cs, u_zp,
+                               KIND, BITS, ASYM, BN, BK)
+            acc_up = tile_mma(acc_up, q, s, xt, SCALE_IN_TILE, DOT_F32, INTERPRET)
+    if GATE_UP:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    else:
+        acc = acc * tl.load(rw_ptr + rows, mask=m_mask, other=0.0)[None, :]
+    out = out_ptr + rows[None, :] * stride_om + offs_n[:, None]
+    tl.store(out, cast(acc, out_ptr.dtype.element_ty, INTERPRET), mask=m_mask[None, :] & n_mask[:, None])
+
+
+def align(topk_ids: torch.Tensor, num_experts: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows int32 [blocks*bm], block_expert int32 [blocks]): pairs grouped by expert in blocks of ``bm``."""
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    p, dev = flat.numel(), flat.device
+    if topk_ids.shape[0] <= PAIR_BLOCK_TOKENS:  # decode: one block per pair, row 0 real, the rest padding
+        rows = torch.full((p, bm), p, dtype=torch.int32, device=dev)
+        rows[:, 0] = torch.arange(p, dtype=torch.int32, device=dev)
+        return rows.reshape(-1), flat.to(torch.int32)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + bm - 1) // bm * bm
+    ends = padded.cumsum(0)
+    first = counts.cumsum(0) - counts  # where each expert's pairs start in the sorted order
+    order = torch.argsort(flat, stable=True)
+    expert = flat[order]
+    dest = ends[expert] - padded[expert] + torch.arange(p, device=dev) - first[expert]
+    blocks = triton.cdiv(p + min(num_experts, p) * (bm - 1), bm)
+    rows = torch.full((blocks * bm,), p, dtype=torch.int32, device=dev)
+    rows[dest] = order.to(torch.int32)
+    starts = torch.arange(blocks, device=dev) * bm
+    block_expert = torch.searchsorted(ends, starts, right=True).to(torch.int32)  # == E past the last block
+    return rows, block_expert
+
+
+def _weight_args(w) -> tuple[int, tuple, tuple, tuple, int, int, bool, int]:
+    """(kind, pointers, expert strides, row strides, KW, group size, asym, bits) of a stacked weight."""
+    if isinstance(w, Code2Weight):
+        ptrs, rs = code2_args(w)
+        return KIND_CODE2, ptrs, tuple(t.stride(0) for t in ptrs), rs, w.k // 4, 64, False, 2
+    ptrs, rs = int_args(w)
+    return KIND_INT, ptrs, tuple(t.stride(0) for t in ptrs), rs, w.packed.shape[-1], w.group_size, w.zero is not None, w.bits
+
+
+def moe_config(tokens: int, top_k: int, num_experts: int, n: int, bk: int) -> Config:
+    """Block sizes from the average pairs per expert (defaults; tuned by the GPU benchmarks)."""
+    avg = tokens * top_k / num_experts
+    if tokens <= PAIR_BLOCK_TOKENS or avg <= 16:
+        return Config(16, 64 if n >= 1024 else 32, bk, 1, 4, 4, False)
+    if avg <= 48:
+        return Config(32, 64, bk, 1, 4, 4, False)
+    return Config(64, 128, min(bk, 64), 1, 8, 3, True)
+
+
+def _launch(x, out, rows, block_expert, rw, first, second, top_k: int, gate_up: bool, cfg: Config, p: int, e: int):
+    kind, ptrs, es, rs, kw, group, asym, bits = _weight_args(first)
+    uptrs = _weight_args(second)[1] if gate_up else ptrs
+    if gate_up and _weight_args(second)[2:] != (es, rs, kw, group, asym, bits):
+        raise ValueError("gate and up weights must share scheme and strides")
+    n, k = first.n, first.k
+    grid = (block_expert.numel() * triton.cdiv(n, cfg.bn),)
+    _moe_kernel[grid](x, out, rows, block_expert, rw, *ptrs, *uptrs, n, k, kw, group, p, e, x.stride(0), out.stride(0),
+                      *es, *rs, ROW_DIV=top_k if gate_up else 1, GATE_UP=gate_up, KIND=kind, BITS=bits, ASYM=asym,
+                      BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SCALE_IN_TILE=cfg.scale_in_tile,
+                      DOT_F32=dot_in_f32(x.dtype, dispatch.interpreting()), INTERPRET=dispatch.interpreting(),
+                      num_warps=cfg.num_warps,
+                      num_stages=cfg.num_stages)
+
+
+def _bk(w) -> int:
+    return 64 if isinstance(w, Code2Weight) else tile_k(w.group_size, w.k, KIND_INT)
+
+
+def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate, up, down,
+              configs: tuple[Config, Config] | None = None) -> torch.Tensor:
+    """x [T, H], topk_ids / topk_weights [T, k] -> Σ_k w · down(silu(gate(x)) · up(x)) [T, H], with stacked
+    [E, ...] ``IntWeight`` / ``Code2Weight`` experts (gate and up of one kind); twin: ``reference.fused_moe``."""
+    t, hdim = x.shape
+    top_k = topk_ids.shape[1]
+    num_experts = gate.packed.shape[0] if isinstance(gate, IntWeight) else gate.quant_weight.shape[0]
+    if t == 0:
+        return torch.zeros_like(x)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    inter, p = gate.n, t * top_k
+    cfg_up, cfg_down = configs or (moe_config(t, top_k, num_experts, 2 * inter, _bk(gate)),
+                                   moe_config(t, top_k, num_experts, hdim, _bk(down)))
+    if cfg_up.bm != cfg_down.bm:
+        raise ValueError("gate_up and down must use the same block of tokens (bm)")
+    rows, block_expert = align(topk_ids, num_experts, cfg_up.bm)
+    h = dispatch.empty((p, inter), x.dtype, x.device)
+    rw = topk_weights.reshape(-1).to(torch.float32).contiguous()
+    _launch(x, h, rows, block_expert, rw, gate, up, top_k, True, cfg_up, p, num_experts)
+    y = dispatch.empty((p, hdim), torch.float32, x.device)
+    _launch(h, y, rows, block_expert, rw, down, None, top_k, False, cfg_down, p, num_experts)
+    return y.view(t, top_k, hdim).sum(1).to(x.dtype)

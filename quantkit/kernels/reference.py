@@ -1,0 +1,110 @@
+"""Weight descriptors the kernels take, and the pure-torch twins of every kernel (same signatures).
+
+A twin dequantizes in fp32 with the format module's own code, casts to the activation dtype and calls
+``torch.matmul``: the semantics every Triton kernel is tested against (and the ``backend="torch"`` path).
+
+    IntWeight    compressed-tensors pack-quantized tensors of one [N, K] weight, or E stacked ([E, ...])
+    Code2Weight  the 2-bit code (WINT2) tensors of one [K, N] weight, or E stacked ([E, ...])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from quantkit.format.compressed_tensors import packed_words, unpack_rows
+from quantkit.quant.qtensor import dequantize
+
+KERNEL_BITS = (2, 4, 8)  # int widths the Triton kernels read; 3-bit fields straddle int32 words (torch path)
+
+
+@dataclass(frozen=True)
+class IntWeight:
+    """packed int32 [.., N, ceil(K*b/32)], scale [.., N, K/g], zero int32 [.., ceil(N*b/32), K/g] or None."""
+    packed: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    bits: int
+    group_size: int
+    n: int
+    k: int
+
+    def __post_init__(self):
+        if self.packed.shape[-2:] != (self.n, packed_words(self.k, self.bits)):
+            raise ValueError(f"packed shape {list(self.packed.shape)} does not hold [{self.n}, {self.k}] {self.bits}-bit codes")
+        if self.k % self.group_size or self.scale.shape[-2:] != (self.n, self.k // self.group_size):
+            raise ValueError(f"scale shape {list(self.scale.shape)} does not match [{self.n}, {self.k}] in groups of {self.group_size}")
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[.., N, K] in ``dtype`` (fp32 math, then cast: what QuantLinear's torch path computes)."""
+        codes = unpack_rows(self.packed, self.bits, self.k)
+        zeros = None
+        if self.zero is not None:
+            zeros = unpack_rows(self.zero.transpose(-1, -2), self.bits, self.n).transpose(-1, -2)
+        return dequantize(codes, self.scale, zeros, self.group_size, dtype)
+
+    def expert(self, e: int) -> "IntWeight":
+        return IntWeight(self.packed[e], self.scale[e], None if self.zero is None else self.zero[e],
+                         self.bits, self.group_size, self.n, self.k)
+
+
+@dataclass(frozen=True)
+class Code2Weight:
+    """quant_weight uint8 [.., K/4, N], weight_scale uint8 [.., ceil(K/128), N], super_scales bf16 [.., N],
+    code_scale / code_zp fp32 [.., N] (``quantkit.format.wint2``). Column slices (views) are fine."""
+    quant_weight: torch.Tensor
+    weight_scale: torch.Tensor
+    super_scales: torch.Tensor
+    code_scale: torch.Tensor
+    code_zp: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        return self.quant_weight.shape[-1]
+
+    @property
+    def k(self) -> int:
+        return self.quant_weight.shape[-2] * 4
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[.., N, K] in ``dtype`` (the issue-5 reference decoder, transposed to quantkit's [N, K])."""
+        from quantkit.format.wint2 import decode
+
+        w = decode(self.quant_weight, self.weight_scale, self.super_scales, self.code_scale, self.code_zp)
+        return w.transpose(-1, -2).to(dtype)
+
+    def expert(self, e: int) -> "Code2Weight":
+        return Code2Weight(self.quant_weight[e], self.weight_scale[e], self.super_scales[e], self.code_scale[e], self.code_zp[e])
+
+
+Weight = IntWeight | Code2Weight
+
+
+def int_linear(x: torch.Tensor, w: IntWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [.., K] -> x @ W^T (+ bias) [.., N] in x's dtype."""
+    return F.linear(x, w.dequantize(x.dtype), bias)
+
+
+def code2_linear(x: torch.Tensor, w: Code2Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [.., K] -> x @ W (+ bias) [.., N] in x's dtype."""
+    return F.linear(x, w.dequantize(x.dtype), bias)
+
+
+def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return code2_linear(x, w, bias) if isinstance(w, Code2Weight) else int_linear(x, w, bias)
+
+
+def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+              gate: Weight, up: Weight, down: Weight) -> torch.Tensor:
+    """x [T, H], topk_ids / topk_weights [T, k] -> Σ_k w · down(silu(gate(x)) · up(x)) [T, H], with stacked
+    [E, ...] weights; the loop of ``Experts.forward`` (weights applied in x's dtype, summed by index_add)."""
+    out = torch.zeros_like(x)
+    for e in torch.unique(topk_ids).tolist():
+        tok, slot = torch.where(topk_ids == e)
+        xe = x[tok]
+        h = F.silu(linear(xe, gate.expert(e))) * linear(xe, up.expert(e))
+        y = linear(h, down.expert(e)) * topk_weights[tok, slot][:, None].to(x.dtype)
+        out.index_add_(0, tok, y.to(out.dtype))
+    return out

@@ -1,0 +1,129 @@
+"""Triton building blocks shared by the dense and fused-MoE kernels: weight tiles decoded in registers, and
+the tile product.
+
+Every kernel works in the swapped orientation ``acc[BN, BM] += W_tile[BN, BK] @ x_tile^T[BK, BM]``: the
+weight rows (output features) are the MMA's M side and the few tokens of a decode step its N side, so a
+decode step pads tokens to 16 (the smallest ``tl.dot`` side) instead of 64 and the decoded weight tile
+stays in the row-major layout it was unpacked in (no transpose).
+
+A weight is passed as five pointers and three row strides whose meaning depends on ``KIND``:
+
+    KIND_INT   a: packed int32 [N, KW] (LSB-first fields along K)   b: scale [N, K/g]   c: zero int32 [ceil(N*b/32), K/g]
+    KIND_CODE2 a: quant_weight uint8 [K/4, N]   b: weight_scale uint8 [ceil(K/128), N]
+               c: super_scales [N]   d: code_scale fp32 [N]   e: code_zp fp32 [N]
+
+The last dimension of every tensor is contiguous. A tile comes back as exact integers in fp32 (codes minus
+zero point, or the 2-bit code's windows) plus a per-row scale for the whole tile: a tile never straddles a
+scale group (``BK`` divides the group size, or the weight has one group per row).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+KIND_INT = 0
+KIND_CODE2 = 1
+
+
+@triton.jit
+def column_params(c_ptr, d_ptr, e_ptr, offs_n, n_mask, KIND: tl.constexpr):
+    """Per-output-row parameters read once per program: (super_scale, code_scale, code_zp) for the 2-bit code."""
+    if KIND == 1:
+        sup = tl.load(c_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        cs = tl.load(d_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        zp = tl.load(e_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    else:
+        sup = offs_n.to(tl.float32) * 0.0  # unused by int tiles
+        cs = sup
+        zp = sup
+    return sup, cs, zp
+
+
+@triton.jit
+def int_tile(a_ptr, b_ptr, c_ptr, sra, srb, src, offs_n, n_mask, kt, KW, group_size,
+             BITS: tl.constexpr, ASYM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """K-tile ``kt`` of a compressed-tensors int weight: (codes - zero) [BN, BK] in fp32 and scales [BN]."""
+    PER: tl.constexpr = 32 // BITS
+    BKW: tl.constexpr = BK // PER
+    MASK: tl.constexpr = (1 << BITS) - 1
+    offs_kw = kt * BKW + tl.arange(0, BKW)
+    words = tl.load(a_ptr + offs_n[:, None] * sra + offs_kw[None, :],
+                    mask=n_mask[:, None] & (offs_kw[None, :] < KW), other=0)
+    shifts = tl.arange(0, PER) * BITS
+    q = (words[:, :, None] >> shifts[None, None, :]) & MASK  # arithmetic shift, then mask: the unsigned field
+    q = tl.reshape(q, (BN, BK))  # element kw*PER + j: the stream order along K
+    grp = (kt * BK) // group_size
+    s = tl.load(b_ptr + offs_n * srb + grp, mask=n_mask, other=0.0).to(tl.float32)
+    if ASYM:
+        zw = tl.load(c_ptr + (offs_n // PER) * src + grp, mask=n_mask, other=0)
+        z = (zw >> ((offs_n % PER) * BITS)) & MASK  # zero points are packed the same way, along N
+        q = q - z[:, None]
+    else:
+        q = q - (1 << (BITS - 1))
+    return q.to(tl.float32), s
+
+
+@triton.jit
+def code2_tile(a_ptr, b_ptr, sra, srb, offs_n, n_mask, kt, sup, cs, zp, BN: tl.constexpr):
+    """64-input tile ``kt`` of a 2-bit-code weight, decoded in registers (no lookup table):
+    v = floor(c * code_scale + code_zp + 0.5); q_i = ((v >> (9 - 3i)) & 0x3F) - 32 is input 4r + i.
+    Returns q [BN, 64] in fp32 and the tile's scale local * super [BN]."""
+    offs_r = kt * 16 + tl.arange(0, 16)
+    c = tl.load(a_ptr + offs_r[None, :] * sra + offs_n[:, None], mask=n_mask[:, None], other=0)
+    v = tl.floor(c.to(tl.float32) * cs[:, None] + zp[:, None] + 0.5).to(tl.int32)  # one FMA on the GPU
+    shifts = 9 - 3 * tl.arange(0, 4)
+    q = ((v[:, :, None] >> shifts[None, None, :]) & 0x3F) - 32
+    q = tl.reshape(q, (BN, 64))  # element 4r + i
+    packed = tl.load(b_ptr + (kt // 2) * srb + offs_n, mask=n_mask, other=0).to(tl.int32)
+    local = (packed >> (4 * (1 - kt % 2))) & 0xF  # the even 64-group sits in the high nibble
+    return q.to(tl.float32), local.to(tl.float32) * sup
+
+
+@triton.jit
+def weight_tile(a_ptr, b_ptr, c_ptr, sra, srb, src, offs_n, n_mask, kt, KW, group_size, sup, cs, zp,
+                KIND: tl.constexpr, BITS: tl.constexpr, ASYM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    if KIND == 1:
+        q, s = code2_tile(a_ptr, b_ptr, sra, srb, offs_n, n_mask, kt, sup, cs, zp, BN)
+    else:
+        q, s = int_tile(a_ptr, b_ptr, c_ptr, sra, srb, src, offs_n, n_mask, kt, KW, group_size, BITS, ASYM, BN, BK)
+    return q, s
+
+
+@triton.jit
+def cast(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 -> ``dtype``, rounding to nearest even. Triton's interpreter truncates fp32 -> bf16, so there the
+    rounding is done by hand first (then the cast is exact): the CPU tests see the GPU's numerics."""
+    if INTERPRET and dtype == tl.bfloat16:
+        b = x.to(tl.uint32, bitcast=True)
+        b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+        x = b.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def tile_mma(acc, q, s, xt, SCALE_IN_TILE: tl.constexpr, DOT_F32: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc [BN, BM] += (q * s[:, None]) @ xt, q [BN, BK] exact integers (fp32), xt [BK, BM] activations.
+
+    SCALE_IN_TILE scales the tile before the product (the weights the torch twin builds, rounded to the
+    activation dtype; the accumulator is chained through the MMA); otherwise the integers go to the MMA
+    exactly and the fp32 product is scaled (one multiply per output instead of one per weight).
+    DOT_F32 multiplies in fp32 (fp32 activations, and Triton's interpreter, which has no bf16 dot)."""
+    if DOT_F32:
+        if SCALE_IN_TILE:
+            w = q * s[:, None]
+            if xt.dtype != tl.float32:
+                w = cast(w, xt.dtype, INTERPRET).to(tl.float32)  # the rounding the twin's weights get
+            acc = tl.dot(w, xt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc += tl.dot(q, xt.to(tl.float32), input_precision="ieee") * s[:, None]
+    else:
+        if SCALE_IN_TILE:
+            acc = tl.dot((q * s[:, None]).to(xt.dtype), xt, acc)
+        else:
+            acc += tl.dot(q.to(xt.dtype), xt) * s[:, None]
+    return acc
+
+
+def dot_in_f32(dtype, interpreting: bool) -> bool:
+    return interpreting or str(dtype) == "torch.float32"

@@ -1,0 +1,111 @@
+"""Dense int dequant-GEMM (Triton) against float64 products of the dequantized weights and against its torch
+twin; on CPU under Triton's interpreter (small shapes), on a GPU also at ERNIE-21B shapes (marker ``gpu``)."""
+
+import pytest
+import torch
+from kernel_cases import DEV, TOL, gpu, poison, random_int_weight, rel_err  # noqa: F401  (poison: autouse fixture)
+
+from quantkit.errors import UsageError
+from quantkit.kernels import dispatch, reference
+from quantkit.kernels.dense import Config, int_linear, pick_config, tile_k
+
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+
+# (M, N, K, bits, group (None: per channel), asym, dtype): N and K off the tile sizes where the format allows
+CASES = [
+    (1, 72, 256, 4, 128, False, BF16),
+    (3, 72, 256, 4, 64, True, FP16),
+    (16, 40, 192, 2, 32, True, BF16),
+    (33, 24, 100, 8, None, True, BF16),
+    (33, 72, 256, 4, 128, True, FP32),
+    (3, 40, 160, 8, 32, False, FP16),
+    (1, 50, 96, 2, None, False, BF16),
+    (16, 130, 128, 4, 32, False, FP16),
+]
+
+
+def check(m, n, k, bits, group, asym, dtype, seed, config=None):
+    gen = torch.Generator().manual_seed(seed)
+    w = random_int_weight((), n, k, bits, group, asym, gen)
+    x = torch.randn(m, k, generator=gen).to(DEV, dtype)
+    ref = x.double() @ w.dequantize(torch.float64).t()
+    out = int_linear(x, w, config=config)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert rel_err(out, ref) <= TOL[dtype]
+    assert rel_err(out, reference.int_linear(x, w).double()) <= TOL[dtype]  # the twin computes the same function
+
+
+@pytest.mark.parametrize("seed, case", list(enumerate(CASES)), ids=lambda c: c if isinstance(c, int) else f"m{c[0]}-n{c[1]}-k{c[2]}-w{c[3]}g{c[4]}-{'asym' if c[5] else 'sym'}-{str(c[6])[6:]}")
+def test_int_linear_matches_float64(seed, case):
+    check(*case, seed=seed)
+
+
+@pytest.mark.parametrize("config", [
+    Config(16, 32, 32, split_k=3),                      # K tiles smaller than the group, uneven split
+    Config(32, 64, 64, split_k=1, scale_in_tile=True),  # prefill variant: scales in the tile, chained accumulator
+    Config(16, 16, 128, split_k=8),                     # more splits than K tiles: empty splits write zeros
+])
+def test_explicit_configs(config):
+    check(33, 72, 256, 4, 128, True, BF16, seed=1, config=config)
+    check(5, 40, 256, 2, 128, False, FP16, seed=2, config=config)
+
+
+def test_leading_dims_and_bias():
+    gen = torch.Generator().manual_seed(3)
+    w = random_int_weight((), 48, 128, 4, 64, True, gen)
+    x = torch.randn(2, 3, 128, generator=gen).to(DEV, BF16)
+    bias = torch.randn(48, generator=gen).to(DEV, BF16)
+    out = int_linear(x, w, bias)
+    ref = x.double() @ w.dequantize(torch.float64).t() + bias.double()
+    assert out.shape == (2, 3, 48) and rel_err(out, ref) <= TOL[BF16]
+
+
+def test_poisoned_buffers_are_nan():
+    assert torch.isnan(dispatch.empty((3, 4), torch.float32, DEV)).all()
+
+
+def test_decode_config_splits_k_to_fill_the_gpu():
+    cfg = pick_config(1, 2560, 2560, 128, torch.device("cpu"))
+    assert cfg.bm == 16 and cfg.split_k == 1  # 40 output tiles already exceed the 8 SMs assumed off-GPU
+    small = pick_config(1, 64, 2048, 128, torch.device("cpu"))
+    assert small.split_k > 1 and small.bm == 16
+    assert pick_config(2048, 2560, 2560, 128, torch.device("cpu")).scale_in_tile
+    assert tile_k(128, 2560, 0) == 128 and tile_k(32, 2560, 0) == 32 and tile_k(100, 100, 0) == 128 and tile_k(8, 64, 0) == 0
+
+
+def test_unsupported_weights_take_the_torch_path():
+    gen = torch.Generator().manual_seed(4)
+    w3 = random_int_weight((), 24, 64, 3, 32, True, gen)  # 3-bit fields straddle int32 words
+    x = torch.randn(2, 64, generator=gen).to(DEV, FP32)
+    assert not dispatch.kernel_reads(w3)
+    assert torch.equal(dispatch.linear(x, w3, None, "triton"), reference.int_linear(x, w3))
+    with pytest.raises(ValueError, match="2/4/8-bit"):
+        int_linear(x, w3)
+
+
+def test_backend_resolution(monkeypatch):
+    assert dispatch.resolve("torch", "cpu") == "torch"
+    assert dispatch.resolve("auto", "cpu") == "torch"
+    with pytest.raises(UsageError, match="unknown backend"):
+        dispatch.resolve("cuda", "cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(UsageError, match="needs a CUDA device"):
+        dispatch.resolve("triton", "cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.resolve("triton", "cpu") == "triton"
+
+
+# -- full shapes, GPU only ----------------------------------------------------------------------------
+
+ERNIE_DENSE = [(2560, 2560), (512, 2560), (2560, 2560), (3072, 2560), (2560, 3072), (103424 // 8, 2560)]
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4, 16, 64, 256, 2048])
+@pytest.mark.parametrize("scheme", [(4, 128, False), (4, 128, True), (2, 64, True), (8, None, False)])
+def test_full_shapes_gpu(m, scheme):
+    bits, group, asym = scheme
+    for i, (n, k) in enumerate(ERNIE_DENSE):
+        check(m, n, k, bits, group, asym, BF16, seed=10 * m + i)
+    check(m, 2560, 2560, bits, group, asym, FP16, seed=m)
