@@ -1,16 +1,13 @@
 """Shared by the kernel tests: Triton's interpreter on CPU, random packed weights, float64 oracles, tolerances.
 
-Importing this module sets TRITON_INTERPRET=1 when there is no CUDA device: Triton reads it when a kernel is
-decorated, i.e. when ``quantkit.kernels.dense`` is first imported, which the test modules do after this.
+Without a CUDA device the kernels run in Triton's interpreter: conftest.py sets TRITON_INTERPRET=1 before any
+test module (or a package it imports) imports triton, which reads it once, when its @jit functions are made.
 """
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
 from quantkit.format.compressed_tensors import pack_rows  # noqa: E402
