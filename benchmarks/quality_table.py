@@ -2,11 +2,11 @@
 
     python benchmarks/quality_table.py [--src demo:smollm2-moe] [--data sotu] [--seq-len 512] [--max-windows 40]
         [--recipes w4g128,w4g128-asym,w3g128,w2g64] [--methods rtn] [--expert-calibration routed]
-        [--calib sotu:train --calib-samples 64 --calib-seq-len 512] [--json out.json] [--workdir DIR]
+        [--calib sotu:train --calib-samples 64 --calib-seq-len 512] [--json out.json [--resume]] [--workdir DIR]
 
 The first row is the unquantized source (its stored dtype). Each (recipe, method, expert calibration)
 is quantized into WORKDIR and evaluated on the same tokens; RTN rows need no calibration and appear
-once. Issue 3's table: the defaults. Issue 4's: --data sotu:test --recipes w4g128,w2g64
+once. With --resume, rows already in --json (same settings) are kept and not measured again. Issue 3's table: the defaults. Issue 4's: --data sotu:test --recipes w4g128,w2g64
 --methods rtn,gptq,awq,awq+gptq --expert-calibration routed,all.
 """
 
@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--clip-search", action="store_true", help="quantize with the MSE clipping search")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in --json (same settings)")
     ap.add_argument("--workdir", default=None, help="keep the quantized checkpoints here (default: a temp dir)")
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -53,16 +54,27 @@ def main() -> None:
     ids = tokenize_for_windows(quantkit.load_tokenizer(src), load_text(a.data), a.seq_len, a.max_windows)
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="quantkit-table-"))
     src_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    settings = {"src": a.src, "data": a.data, "seq_len": a.seq_len, "max_windows": a.max_windows,
+                "clip_search": a.clip_search, "calib": a.calib, "calib_samples": a.calib_samples,
+                "calib_seq_len": a.calib_seq_len}
     rows = []
+    if a.resume:
+        if not a.json or not Path(a.json).exists():
+            raise SystemExit("--resume needs an existing --json file")
+        old = json.loads(Path(a.json).read_text())
+        if any(old.get(k) != v for k, v in settings.items()):
+            raise SystemExit(f"--resume: {a.json} was measured with other settings")
+        rows = old["rows"]
 
     def save():
         if a.json:
-            Path(a.json).write_text(json.dumps({
-                "src": a.src, "data": a.data, "seq_len": a.seq_len, "max_windows": a.max_windows,
-                "clip_search": a.clip_search, "calib": a.calib, "calib_samples": a.calib_samples,
-                "calib_seq_len": a.calib_seq_len, "threads": torch.get_num_threads(), "rows": rows}, indent=2) + "\n")
+            Path(a.json).write_text(json.dumps({**settings, "threads": torch.get_num_threads(), "rows": rows},
+                                               indent=2) + "\n")
 
     def evaluate(name, path, bits, size, seconds):
+        if any(r["model"] == name for r in rows):
+            print(f"{name}: kept from {a.json}", flush=True)
+            return
         model = quantkit.load(path)
         r = perplexity(model, ids, a.seq_len, a.max_windows, model_name=name, data_name=a.data)
         rows.append({"model": name, "perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens,
@@ -79,6 +91,9 @@ def main() -> None:
                 calib = CalibOptions(data=a.calib, samples=a.calib_samples, seq_len=a.calib_seq_len,
                                      expert_calibration="routed" if mode == "-" else mode)
                 label = f"{name} {method}" + ("" if mode == "-" else f" ({mode})")
+                if any(r["model"] == label for r in rows):
+                    print(f"{label}: kept from {a.json}", flush=True)
+                    continue
                 out = work / label.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "-")
                 t0 = time.perf_counter()
                 rep = quantize(str(src), out, recipe, QuantizeOptions(force=True, progress=False, calib=calib))

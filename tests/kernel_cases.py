@@ -4,7 +4,6 @@ Without a CUDA device the kernels run in Triton's interpreter: conftest.py sets 
 test module (or a package it imports) imports triton, which reads it once, when its @jit functions are made.
 """
 
-
 import pytest
 import torch
 
