@@ -189,3 +189,59 @@ def decode_triton_bf16(quant_weight: torch.Tensor, weight_scale: torch.Tensor, s
     s = column_scales(weight_scale, super_scales, k).to(torch.bfloat16).to(torch.float32)
     *lead, _, _ = q.shape
     return (q.reshape(*lead, k // GROUP, GROUP, n) * s[..., :, None, :]).to(torch.bfloat16).reshape(*lead, k, n)
+
+
+# -- whole modules (planned 3-D routed experts) -------------------------------------------------------
+
+def module_specs(module: str, shape: tuple[int, int, int], fused: bool = False) -> list[TensorSpec]:
+    """Specs of a planned experts module ``[E, N, K]``; fused: gate_proj carries up_proj's columns too."""
+    e, n, k = shape
+    width = 2 * n if fused and module.endswith(".gate_proj") else n
+    return [s for p in expert_prefixes(module, e, fused) for s in tensor_specs(p, width, k)]
+
+
+def module_tensors(module: str, ct, fused: bool = False, up=None) -> dict[str, torch.Tensor]:
+    """On-disk tensors of a planned experts module from its stacked ``Code2Tensor`` ``ct`` ([E, ..]).
+    ``fused``: for gate_proj pass up_proj's code as ``up``: one ``up_gate_proj`` per expert, gate columns
+    first (FastDeploy's order); up_proj itself then writes nothing."""
+    prefixes = expert_prefixes(module, ct.quant_weight.shape[0], fused)
+    if not prefixes:
+        return {}
+    parts = ct.tensors()
+    if fused and module.endswith(".gate_proj"):
+        if up is None:
+            raise ValueError(f"{module}: the fused export needs up_proj's code beside gate_proj's")
+        parts = {leaf: torch.cat([t, up.tensors()[leaf]], dim=-1) for leaf, t in parts.items()}
+    return {f"{p}.{leaf}": t[e].contiguous() for e, p in enumerate(prefixes) for leaf, t in parts.items()}
+
+
+def config_block(modules: list[str], fused: bool) -> dict:
+    """What config.json's ``quantization_config[CONFIG_KEY]`` says: the scheme, its layout, and which
+    modules (in-memory names, all experts of a layer each) and layers use it."""
+    layers = sorted({int(m.split(".")[2]) for m in modules})
+    return {"scheme": SCHEME, "format_version": FORMAT_VERSION, "group_size": GROUP, "super_scale_dtype": "bfloat16",
+            "layout": "fastdeploy-fused-up-gate" if fused else "per-projection", "layers": layers,
+            "layer_ranges": _ranges(layers), "modules": sorted(modules),
+            "decode": "v = floor(c * code_scale + code_zp + 0.5); q_i = ((v >> (9 - 3i)) & 0x3F) - 32; "
+                      "w[4r+i, n] = q_i * local_scale[(4r+i) // 64, n] * super_scales[n]"}
+
+
+def fastdeploy_keys(layers: list[int], num_layers: int) -> dict:
+    """FastDeploy's own ``quantization_config`` keys for w2 expert layers (its docs/quantization/wint2.md).
+    Only a contiguous range is expressible; other MoE layers are what FastDeploy calls the w4 range."""
+    if _ranges(layers) != [[layers[0], layers[-1]]]:
+        raise ValueError(f"FastDeploy's config takes one contiguous w2 layer range, got {_ranges(layers)}")
+    return {"quantization": "wint2", "moe_quant_type": "w4w2",
+            "moe_quant_config": {"moe_w2_quant_config": {"quant_type": "wint2", "quant_granularity": "pp_acc",
+                                                         "quant_group_size": GROUP, "quant_start_layer": layers[0],
+                                                         "quant_end_layer": layers[-1]}}}
+
+
+def _ranges(layers: list[int]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for i in layers:
+        if out and out[-1][1] == i - 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return out
