@@ -66,6 +66,9 @@ def test_code2_rule_and_recipes():
     edges = make_plan(cfg, get_recipe("w2code-w4edges"))
     edge_code = {e.module.split(".")[2] for e in edges.entries if e.rule.format == "code2"}
     assert edge_code == {"2", "3"}  # MoE layers 1..4: the first and last stay at 4 bits
+    clipped = make_plan(cfg, get_recipe("w2code-w4edges").with_method("gptq", True))  # CLI options keep the edges
+    assert {e.module.split(".")[2] for e in clipped.entries if e.rule.format == "code2"} == {"2", "3"}
+    assert all(e.rule.method == "gptq" for e in clipped.entries)
     w4w2 = layer_range_recipe("w4w2", [(1, 2, Rule(bits=4)), (3, 4, CODE2)])
     assert {e.module.split(".")[2] for e in make_plan(cfg, w4w2).entries if e.rule.format == "code2"} == {"3", "4"}
 

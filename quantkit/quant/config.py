@@ -203,10 +203,14 @@ def get_recipe(name_or_path: str, cfg: ErnieMoeConfig | None = None) -> Recipe:
 
 
 def resolve_recipe(recipe: Recipe, cfg: ErnieMoeConfig) -> Recipe:
-    """Fill a model-dependent built-in (by name, rules untouched by the user) for ``cfg``; keeps methods."""
-    if recipe.name in MODEL_RECIPES and recipe.rules == get_recipe(recipe.name).with_method(recipe.rules[0][1].method).rules:
-        method = recipe.rules[0][1].method
-        return MODEL_RECIPES[recipe.name](cfg).with_method(method)
+    """Fill a model-dependent built-in (the placeholder ``get_recipe`` returns without a model) for ``cfg``,
+    keeping the method and clipping the user chose; any other recipe is returned as is."""
+    def shape(r: Recipe):
+        return [(p, x.format, x.bits, x.group_size, x.symmetric) for p, x in r.rules]
+
+    if recipe.name in MODEL_RECIPES and shape(recipe) == shape(get_recipe(recipe.name)):
+        first = recipe.rules[0][1]
+        return MODEL_RECIPES[recipe.name](cfg).with_method(first.method, first.clip_search)
     return recipe
 
 
