@@ -88,7 +88,8 @@ def _parse_size(text: str) -> int:
 @main.command("quantize")
 @click.argument("src")
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="output directory")
-@click.option("--recipe", default=None, help="built-in recipe (w4g128, w4g128-asym, w3g128, w2g64, w8) or a .json/.yaml file")
+@click.option("--recipe", default=None, help="built-in recipe (w4g128, w4g128-asym, w3g128, w2g64, w8, w2code, "
+              "w2code-w4edges, w2g64-experts) or a .json/.yaml file")
 @click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default=None, help="simple case instead of --recipe")
 @click.option("--group-size", default="128", show_default=True, help="32, 64, 128 or channel")
 @click.option("--sym/--asym", default=None, help="symmetric (default for 4/8 bits) or asymmetric (default for 2/3 bits)")
@@ -105,13 +106,15 @@ def _parse_size(text: str) -> int:
 @click.option("--seed", default=0, show_default=True, type=int)
 @DEVICE
 @click.option("--max-shard-size", default="4GB", show_default=True)
+@click.option("--export", type=click.Choice(["quantkit", "fastdeploy"]), default="quantkit", show_default=True,
+              help="fastdeploy: routed experts in the 2-bit code are written with FastDeploy's fused up_gate_proj names")
 @click.option("--force", is_flag=True, help="replace a non-empty output directory")
 @click.option("--resume", is_flag=True, help="continue an interrupted run with the same inputs (its .OUT.partial directory)")
 @click.option("--dry-run", is_flag=True, help="print the plan and the memory/disk estimates from config.json; quantize nothing")
 @_friendly
 def quantize_cmd(src, out, recipe, bits, group_size, sym, method, clip_search, calib_data, calib_samples, calib_seq_len,
-                 expert_calibration, prob_weighted, min_expert_tokens, calib_memory, seed, device, max_shard_size, force, resume,
-                 dry_run):
+                 expert_calibration, prob_weighted, min_expert_tokens, calib_memory, seed, device, max_shard_size, export, force,
+                 resume, dry_run):
     """Quantize SRC into a compressed-tensors checkpoint at OUTPUT (streams one layer at a time)."""
     from quantkit.calib.data import DEFAULT_CALIB
     from quantkit.pipeline.quantize import CalibOptions, QuantizeOptions, format_summary, quantize
@@ -130,7 +133,7 @@ def quantize_cmd(src, out, recipe, bits, group_size, sym, method, clip_search, c
     calib = CalibOptions(data=calib_data or DEFAULT_CALIB, samples=calib_samples, seq_len=calib_seq_len, seed=seed,
                          expert_calibration=expert_calibration, prob_weighted=prob_weighted, min_expert_tokens=min_expert_tokens,
                          memory_budget=_parse_size(calib_memory))
-    options = QuantizeOptions(device=device, max_shard_bytes=_parse_size(max_shard_size), force=force, calib=calib)
+    options = QuantizeOptions(device=device, max_shard_bytes=_parse_size(max_shard_size), force=force, calib=calib, export=export)
     if dry_run:
         from quantkit.pipeline.dry_run import dry_run as plan_only, format_dry_run
 

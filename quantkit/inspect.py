@@ -8,6 +8,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from quantkit.format import compressed_tensors as fmt
+from quantkit.format import wint2
 from quantkit.model.config import ErnieMoeConfig
 from quantkit.model.safetensors_io import CheckpointReader
 from quantkit.sources import resolve
@@ -17,7 +18,8 @@ _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
 
 def _role(name: str) -> str:
     """``model.layers.3.mlp.experts.7.up_proj.weight_packed`` -> ``mlp.experts.*.up_proj``."""
-    name = re.sub(r"\.(weight|weight_packed|weight_scale|weight_zero_point|weight_shape|e_score_correction_bias)$", "", name)
+    name = re.sub(r"\.(weight|weight_packed|weight_scale|weight_zero_point|weight_shape|e_score_correction_bias|"
+                  r"quant_weight|super_scales|code_scale|code_zp)$", "", name)
     name = re.sub(r"^model\.layers\.\d+\.", "", name)
     return re.sub(r"\.experts\.\d+\.", ".experts.*.", name)
 
@@ -32,18 +34,35 @@ def inspect_checkpoint(src: str) -> dict:
     experts_per_layer = defaultdict(set)
     roles: dict[str, Counter] = defaultdict(Counter)
     unquantized: Counter = Counter()
+    parts: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # scheme -> [bytes, weights]
+    code2 = (qconfig or {}).get(wint2.CONFIG_KEY)
     weights = 0
     for name in reader.names():
         m = _EXPERT.match(name)
         if m:
             experts_per_layer[int(m.group(1))].add(int(m.group(2)))
         info = reader.info(name)
-        if name.endswith(fmt.PACKED):
+        if code2 and name.endswith(f".{wint2.QUANT_WEIGHT}"):
+            prefix = name[: -len(wint2.QUANT_WEIGHT) - 1]
+            r, n = info.shape
+            scheme = f"{wint2.SCHEME} 2-bit code g{wint2.GROUP}"
+            roles[_role(name)][scheme] += 1
+            parts[scheme][0] += sum(reader.info(f"{prefix}.{leaf}").nbytes for leaf in wint2.LEAVES)
+            parts[scheme][1] += r * wint2.PACK * n
+            weights += r * wint2.PACK * n
+        elif code2 and name.endswith(tuple(f".{leaf}" for leaf in wint2.LEAVES[1:])) and \
+                f"{name.rsplit('.', 1)[0]}.{wint2.QUANT_WEIGHT}" in reader:
+            continue
+        elif name.endswith(fmt.PACKED):
             prefix = name[: -len(fmt.PACKED) - 1]
             n, k = reader.read(f"{prefix}.{fmt.SHAPE}").tolist()
             bits, sym = fmt.scheme_for(qconfig or {}, prefix) or (None, None)
             groups = reader.info(f"{prefix}.{fmt.SCALE}").shape[-1]
-            roles[_role(name)][f"int{bits} g{k // groups} {'sym' if sym else 'asym'}"] += 1
+            scheme = f"int{bits} g{k // groups} {'sym' if sym else 'asym'}"
+            roles[_role(name)][scheme] += 1
+            parts[scheme][0] += sum(reader.info(f"{prefix}.{leaf}").nbytes for leaf in (fmt.PACKED, fmt.SCALE, fmt.ZERO, fmt.SHAPE)
+                                    if f"{prefix}.{leaf}" in reader)
+            parts[scheme][1] += n * k
             weights += n * k
         elif not name.endswith((fmt.SCALE, fmt.ZERO, fmt.SHAPE)):
             unquantized[f"{_role(name)} ({str(info.dtype).replace('torch.', '')})"] += 1
@@ -66,6 +85,8 @@ def inspect_checkpoint(src: str) -> dict:
         "weights": weights,
         "tensor_bytes": size,
         "bits_per_weight": 8 * size / max(weights, 1),
+        "bits_per_weight_parts": {k: {"bits_per_weight": 8 * b / max(w, 1), "weights": w} for k, (b, w) in sorted(parts.items())},
+        "code2": code2,
     }
 
 
@@ -75,6 +96,13 @@ def format_inspect(r: dict) -> str:
              f"  size: {r['tensor_bytes'] / 1e9:.3f} GB for {r['weights'] / 1e9:.3f} B weights = {r['bits_per_weight']:.3f} bits/weight",
              f"  layers: {r['layers']}; routed experts per MoE layer: "
              + (", ".join(f"L{k}:{v}" for k, v in r["experts_per_layer"].items()) or "none")]
+    if r.get("code2"):
+        c = r["code2"]
+        lines.append(f"  2-bit code: {c['scheme']} (convolutional code, FastDeploy WINT2 layout: uint8 codes per 4 inputs, "
+                     f"4-bit local scale per {c['group_size']} inputs, bf16 super scale and fp32 code scale/zero point per "
+                     f"column), {c['layout']}, routed experts of layers " + ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in c["layer_ranges"]))
+    for scheme, p in r.get("bits_per_weight_parts", {}).items():
+        lines.append(f"  {scheme}: {p['bits_per_weight']:.3f} bits/weight over {p['weights'] / 1e6:.2f} M weights (scales included)")
     if r["quantized"]:
         lines.append("  quantized (module role: scheme x count):")
         lines += [f"    {role}: " + ", ".join(f"{s} x{n}" for s, n in c.items()) for role, c in r["quantized"].items()]

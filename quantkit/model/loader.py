@@ -27,13 +27,14 @@ from quantkit.model.safetensors_io import CheckpointReader
 
 # In memory ``experts.gate_proj`` (dense, 3-D) or ``experts.gate_proj.weight_packed`` (quantized, stacked);
 # on disk ``experts.{e}.gate_proj.weight`` / ``experts.{e}.gate_proj.weight_packed``.
-EXPERT_PARAM = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)(?:\.(\w+))?$")
+# The 2-bit code's FastDeploy layout adds ``experts.up_gate_proj.quant_weight`` (gate and up fused).
+EXPERT_PARAM = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj|up_gate_proj)(?:\.(\w+))?$")
 # Checkpoint tensors that exist in some releases and that the model does not use.
 IGNORED_TENSORS = re.compile(r"(^|\.)mtp|rotary_emb\.inv_freq$")
 # Parameters kept in fp32 whatever the model dtype (the router and its bias).
 FP32_PARAMS = re.compile(r"\.mlp\.gate\.weight$|\.moe_statics\.e_score_correction_bias$")
 # Tensors kept exactly as stored: quantization scales (dequantization must match the writer's).
-KEEP_DTYPE = re.compile(r"\.weight_scale$")
+KEEP_DTYPE = re.compile(r"\.(weight_scale|super_scales|code_scale|code_zp)$")
 
 
 def source_names(param: str, cfg: ErnieMoeConfig) -> list[str]:

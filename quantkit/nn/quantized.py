@@ -19,7 +19,10 @@ from quantkit.format.compressed_tensors import PACKED, SCALE, SHAPE, ZERO, packe
 from quantkit.kernels import dispatch
 from quantkit.kernels.reference import IntWeight
 from quantkit.model.layers import Experts
+from quantkit.nn.code2 import Code2Stack
 from quantkit.quant.qtensor import QTensor
+
+CODE2 = "code2"  # a ``schemes`` value: the projection is stored in the 2-bit code (``nn/code2.py``)
 
 
 class PackedWeight(nn.Module):
@@ -73,30 +76,53 @@ class QuantLinear(PackedWeight):
 
 
 class QuantExperts(Experts):
-    """Routed experts with packed per-projection stacks; ``project`` dequantizes one expert's weight."""
+    """Routed experts with packed per-projection stacks; ``project`` dequantizes one expert's weight.
+
+    ``schemes[proj]`` is (bits, group, symmetric) for compressed-tensors int stacks or ``CODE2`` for the
+    2-bit code; ``fused_up_gate`` holds gate and up as one code stack ``up_gate_proj`` (FastDeploy layout).
+    """
 
     backend = "torch"
 
-    def __init__(self, num_experts: int, hidden: int, inter: int, schemes: dict[str, tuple[int, int, bool]],
-                 scale_dtype: torch.dtype):
+    def __init__(self, num_experts: int, hidden: int, inter: int, schemes: dict[str, tuple[int, int, bool] | str],
+                 scale_dtype: torch.dtype, fused_up_gate: bool = False):
         nn.Module.__init__(self)
-        self.num_experts = num_experts
+        self.num_experts, self.inter = num_experts, inter
+        self.fused = fused_up_gate
         shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+        if fused_up_gate:
+            self.up_gate_proj = Code2Stack(num_experts, 2 * inter, hidden)
+            del shapes["gate_proj"], shapes["up_proj"]
         for name, (n, k) in shapes.items():
-            if name in schemes:
+            if schemes.get(name) == CODE2:
+                setattr(self, name, Code2Stack(num_experts, n, k))
+            elif name in schemes:
                 bits, group, sym = schemes[name]
                 setattr(self, name, PackedWeight(n, k, bits, group, sym, scale_dtype, lead=(num_experts,)))
             else:  # left unquantized by the recipe
                 setattr(self, name, nn.Parameter(torch.empty(num_experts, n, k), requires_grad=False))
 
     def project(self, e: int, name: str, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and name != "down_proj":  # gate columns first, then up
+            cols = slice(0, self.inter) if name == "gate_proj" else slice(self.inter, 2 * self.inter)
+            return F.linear(x, self.up_gate_proj.weight(x.dtype, e, cols))
         w = getattr(self, name)
-        return F.linear(x, w.weight(x.dtype, e) if isinstance(w, PackedWeight) else w[e])
+        return F.linear(x, w.weight(x.dtype, e) if isinstance(w, (PackedWeight, Code2Stack)) else w[e])
+
+    def kernel_projections(self) -> list | None:
+        """gate, up, down as kernel weights (``quantkit.kernels.reference``), or None when one is not a
+        quantized stack (a projection left unquantized by the recipe)."""
+        if self.fused:
+            i = self.inter
+            gate_up = [self.up_gate_proj.kernel_weight(slice(0, i)), self.up_gate_proj.kernel_weight(slice(i, 2 * i))]
+            return gate_up + [self.down_proj.kernel_weight()] if hasattr(self.down_proj, "kernel_weight") else None
+        projs = [getattr(self, name) for name in ("gate_proj", "up_proj", "down_proj")]
+        return [p.kernel_weight() for p in projs] if all(hasattr(p, "kernel_weight") for p in projs) else None
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        """The fused MoE kernels when the backend is triton and every projection is a quantized stack (one with
-        ``kernel_weight()``); else the loop over experts."""
-        projs = [getattr(self, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
-        if self.backend == "torch" or self.observer is not None or not all(hasattr(p, "kernel_weight") for p in projs):
+        """The fused MoE kernels when the backend is triton and every projection is a quantized stack; else the
+        loop over experts."""
+        projs = None if self.backend == "torch" or self.observer is not None else self.kernel_projections()
+        if projs is None:
             return super().forward(x, topk_ids, topk_weights)
-        return dispatch.fused_moe(x, topk_ids, topk_weights, *(p.kernel_weight() for p in projs), self.backend)
+        return dispatch.fused_moe(x, topk_ids, topk_weights, *projs, self.backend)

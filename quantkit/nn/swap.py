@@ -5,10 +5,11 @@ from __future__ import annotations
 from torch import nn
 
 from quantkit.errors import QuantkitError
+from quantkit.format import wint2
 from quantkit.format.compressed_tensors import SCALE, expert_prefixes, scheme_for
 from quantkit.model.config import ErnieMoeConfig
 from quantkit.model.safetensors_io import CheckpointReader
-from quantkit.nn.quantized import QuantExperts, QuantLinear
+from quantkit.nn.quantized import CODE2, QuantExperts, QuantLinear
 from quantkit.quant.config import candidate_modules
 
 
@@ -27,9 +28,20 @@ def _scheme(qconfig: dict, reader: CheckpointReader, prefix: str, k: int):
 def swap_quantized_modules(model: nn.Module, cfg: ErnieMoeConfig, qconfig: dict, reader: CheckpointReader) -> int:
     """Replace every linear / expert projection that the checkpoint stores quantized. Returns how many."""
     swapped = 0
-    expert_schemes: dict[str, dict[str, tuple]] = {}  # "model.layers.L.mlp" -> {proj: (bits, group, sym)}
+    expert_schemes: dict[str, dict[str, tuple | str]] = {}  # "model.layers.L.mlp" -> {proj: (bits, group, sym) | CODE2}
     scale_dtypes: dict[str, object] = {}
+    code2 = qconfig.get(wint2.CONFIG_KEY) or {}
+    code2_modules = set(code2.get("modules", []))
+    fused = code2.get("layout") == "fastdeploy-fused-up-gate"
+    if code2 and code2.get("scheme") != wint2.SCHEME:
+        raise QuantkitError(f"unknown 2-bit code scheme {code2.get('scheme')!r} (quantkit reads {wint2.SCHEME!r})")
     for name, shape in candidate_modules(cfg):
+        if name in code2_modules:  # routed experts in the 2-bit code
+            mlp, _, leaf = name.rpartition(".experts.")
+            expert_schemes.setdefault(mlp, {})[leaf] = CODE2
+            scale_dtypes.setdefault(mlp, wint2.SUPER_DTYPE)
+            swapped += 1
+            continue
         prefixes = expert_prefixes(name, cfg.moe_num_experts if len(shape) == 3 else 0)
         schemes = {_scheme(qconfig, reader, p, shape[-1]) for p in prefixes}
         if schemes == {None}:
@@ -48,6 +60,9 @@ def swap_quantized_modules(model: nn.Module, cfg: ErnieMoeConfig, qconfig: dict,
             setattr(parent, leaf, QuantLinear(shape[1], shape[0], bits, group, sym, sdtype, bias=bias))
         swapped += 1
     for mlp, schemes in expert_schemes.items():
+        fuse = fused and schemes.get("gate_proj") == CODE2
+        if fuse and schemes.get("up_proj") != CODE2:
+            raise QuantkitError(f"{mlp}: a fused up_gate_proj needs gate_proj and up_proj both in the 2-bit code")
         model.get_submodule(mlp).experts = QuantExperts(
-            cfg.moe_num_experts, cfg.hidden_size, cfg.moe_intermediate_size, schemes, scale_dtypes[mlp])
+            cfg.moe_num_experts, cfg.hidden_size, cfg.moe_intermediate_size, schemes, scale_dtypes[mlp], fused_up_gate=fuse)
     return swapped

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 import torch
 
 from quantkit.calib.capture import LayerCapture
+from quantkit.quant.code2 import code2
 from quantkit.quant.config import PlanEntry
 from quantkit.quant.gptq import gptq
-from quantkit.quant.qtensor import QTensor
+from quantkit.quant.qtensor import Code2Tensor, QTensor
 from quantkit.quant.rtn import rtn
 
 EXPERT_CHUNK = 8  # experts per batched GPTQ call (bounds the [chunk, K, K] working set)
@@ -24,7 +25,7 @@ EXPERT_CHUNK = 8  # experts per batched GPTQ call (bounds the [chunk, K, K] work
 
 @dataclass
 class LayerResult:
-    qtensors: dict[str, QTensor] = field(default_factory=dict)  # by module name relative to the layer
+    qtensors: dict[str, QTensor | Code2Tensor] = field(default_factory=dict)  # by module name relative to the layer
     errors: dict[str, float | list[float]] = field(default_factory=dict)
     rtn_fallback_experts: list[int] = field(default_factory=list)
 
@@ -37,9 +38,26 @@ def relative_error(w: torch.Tensor, deq: torch.Tensor, H: torch.Tensor) -> torch
     return num / den
 
 
-def _quantize(entry: PlanEntry, w: torch.Tensor, H: torch.Tensor | None, scale_dtype, use_gptq: bool) -> QTensor:
-    """RTN or GPTQ of one module; 3-D experts in chunks so the fp32 working set stays small."""
+def _cat(parts: list) -> QTensor | Code2Tensor:
+    if isinstance(parts[0], Code2Tensor):
+        return Code2Tensor(*(torch.cat(ts) for ts in zip(*(p.tensors().values() for p in parts))))
+    return QTensor(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
+                   None if parts[0].zeros is None else torch.cat([p.zeros for p in parts]), parts[0].bits, parts[0].group_size)
+
+
+def _select(qt: QTensor | Code2Tensor, sl) -> QTensor | Code2Tensor:
+    if isinstance(qt, Code2Tensor):
+        return qt.select(sl)
+    return QTensor(qt.codes[sl], qt.scales[sl], None if qt.zeros is None else qt.zeros[sl], qt.bits, qt.group_size)
+
+
+def _quantize(entry: PlanEntry, w: torch.Tensor, H: torch.Tensor | None, scale_dtype, use_gptq: bool) -> QTensor | Code2Tensor:
+    """RTN, GPTQ or the 2-bit code of one module; 3-D experts in chunks so the fp32 working set stays small."""
     r = entry.rule
+    if r.format == "code2":
+        parts = [code2(w[i:i + EXPERT_CHUNK], H[i:i + EXPERT_CHUNK] if use_gptq and H is not None else None)
+                 for i in range(0, w.shape[0], EXPERT_CHUNK)]
+        return _cat(parts)
 
     def one(wc, Hc):
         if use_gptq and Hc is not None:
@@ -48,9 +66,7 @@ def _quantize(entry: PlanEntry, w: torch.Tensor, H: torch.Tensor | None, scale_d
 
     if w.dim() == 2:
         return one(w, H)
-    parts = [one(w[i:i + EXPERT_CHUNK], None if H is None else H[i:i + EXPERT_CHUNK]) for i in range(0, w.shape[0], EXPERT_CHUNK)]
-    return QTensor(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
-                   None if parts[0].zeros is None else torch.cat([p.zeros for p in parts]), r.bits, entry.group_size)
+    return _cat([one(w[i:i + EXPERT_CHUNK], None if H is None else H[i:i + EXPERT_CHUNK]) for i in range(0, w.shape[0], EXPERT_CHUNK)])
 
 
 def quantize_layer(layer, prefix: str, entries: list[PlanEntry], cap: LayerCapture | None, *,
@@ -71,7 +87,11 @@ def quantize_layer(layer, prefix: str, entries: list[PlanEntry], cap: LayerCaptu
         use_gptq = cap is not None and "gptq" in entry.rule.method
         H = cap.stat_for(rel).H if cap is not None else None
         qt = _quantize(entry, w, H, scale_dtype, use_gptq)
-        if entry.is_experts and starving and use_gptq:  # too few tokens for a trustworthy Hessian
+        if entry.is_experts and starving and use_gptq and isinstance(qt, Code2Tensor):  # plain encoder instead
+            fallback = code2(w[starving])
+            for t, f in zip(qt.tensors().values(), fallback.tensors().values()):
+                t[starving] = f
+        elif entry.is_experts and starving and use_gptq:  # too few tokens for a trustworthy Hessian
             fallback = rtn(w[starving], entry.rule.bits, entry.group_size, entry.rule.symmetric,
                            clip_search=entry.rule.clip_search, scale_dtype=scale_dtype)
             qt.codes[starving], qt.scales[starving] = fallback.codes, fallback.scales
@@ -81,8 +101,7 @@ def quantize_layer(layer, prefix: str, entries: list[PlanEntry], cap: LayerCaptu
             errs = []
             for i in range(0, w.shape[0], EXPERT_CHUNK) if entry.is_experts else [None]:
                 sl = slice(None) if i is None else slice(i, i + EXPERT_CHUNK)
-                z = None if qt.zeros is None else qt.zeros[sl]
-                deq = QTensor(qt.codes[sl], qt.scales[sl], z, qt.bits, qt.group_size).dequantize(torch.float32)
+                deq = _select(qt, sl).dequantize(torch.float32)
                 errs.append(relative_error(w[sl], deq, H[sl]).reshape(-1))
                 w[sl] = deq.to(w.dtype)
             err = torch.cat(errs)

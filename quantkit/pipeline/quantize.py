@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from quantkit import __version__
 from quantkit.errors import UsageError
 from quantkit.format import compressed_tensors as fmt
+from quantkit.format import wint2
 from quantkit.format.writer import CheckpointWriter, TensorSpec
 from quantkit.model.loader import FP32_PARAMS, Checkpoint, default_dtype, model_tensors, source_names, stream_layers
 from quantkit.calib.capture import EXPERT_CALIBRATION, capture_layer
@@ -61,6 +62,23 @@ class QuantizeOptions:
     force: bool = False
     progress: bool = True
     calib: CalibOptions = CalibOptions()
+    export: str = "quantkit"  # or "fastdeploy": experts in the 2-bit code get FastDeploy's fused up_gate_proj
+
+    def __post_init__(self):
+        if self.export not in EXPORTS:
+            raise UsageError(f"--export must be one of {', '.join(EXPORTS)}, got {self.export!r}")
+
+
+EXPORTS = ("quantkit", "fastdeploy")
+
+
+def entry_specs(entry: PlanEntry, dtype: torch.dtype, fused: bool) -> list[TensorSpec]:
+    """On-disk tensors of one planned module (per expert for routed experts)."""
+    if entry.rule.format == "code2":
+        return wint2.module_specs(entry.module, entry.shape, fused)
+    n, k = entry.shape[-2:]
+    return [s for prefix in fmt.expert_prefixes(entry.module, entry.shape[0] if entry.is_experts else 0)
+            for s in fmt.linear_specs(prefix, n, k, entry.rule.bits, entry.group_size, entry.rule.symmetric, dtype)]
 
 
 def planned_module(param: str, plan: Plan) -> PlanEntry | None:
@@ -69,15 +87,13 @@ def planned_module(param: str, plan: Plan) -> PlanEntry | None:
     return plan.entry(module)
 
 
-def output_specs(skeleton, cfg, plan: Plan, dtype: torch.dtype) -> list[TensorSpec]:
+def output_specs(skeleton, cfg, plan: Plan, dtype: torch.dtype, fused: bool = False) -> list[TensorSpec]:
     """Every tensor of the output, in checkpoint order, with its dtype and shape (from the config alone)."""
     specs = []
     for name, t in model_tensors(skeleton):
         entry = planned_module(name, plan)
         if entry is not None:
-            n, k = entry.shape[-2:]
-            for prefix in fmt.expert_prefixes(entry.module, entry.shape[0] if entry.is_experts else 0):
-                specs += fmt.linear_specs(prefix, n, k, entry.rule.bits, entry.group_size, entry.rule.symmetric, dtype)
+            specs += entry_specs(entry, dtype, fused)
             continue
         out_dtype = torch.float32 if FP32_PARAMS.search(name) else dtype
         disk = source_names(name, cfg)
@@ -100,14 +116,23 @@ class QuantizeRun:
             raise UsageError(f"{src} is already quantized; quantize the original checkpoint")
         self.cfg, self.dtype = self.ckpt.config, default_dtype(self.ckpt.config)
         self.plan = make_plan(self.cfg, recipe)
-        self.specs = output_specs(self.ckpt.skeleton, self.cfg, self.plan, self.dtype)
+        self.code2_modules = [e.module for e in self.plan.entries if e.rule.format == "code2"]
+        self.fused = options.export == "fastdeploy"
+        if self.fused and not self.code2_modules:
+            raise UsageError("--export fastdeploy is for routed experts in the 2-bit code: use a w2code recipe")
+        if self.fused:
+            try:
+                wint2.fastdeploy_keys(sorted({int(m.split(".")[2]) for m in self.code2_modules}), self.cfg.num_hidden_layers)
+            except ValueError as e:
+                raise UsageError(f"--export fastdeploy: {e}") from None
+        self.specs = output_specs(self.ckpt.skeleton, self.cfg, self.plan, self.dtype, self.fused)
         self.calibrated = any(e.rule.method != "rtn" for e in self.plan.entries)
         self.out = Path(out).expanduser().resolve()
         self.partial = self.out.parent / f".{self.out.name}.partial"
         self.fp = resume.fingerprint(self.path, self.ckpt.reader, {
             "recipe": recipe.to_dict(),
             "calib": {k: v for k, v in options.calib.__dict__.items() if k != "memory_budget"} if self.calibrated else None,
-            "device": options.device, "shard": options.max_shard_bytes})
+            "device": options.device, "shard": options.max_shard_bytes, "export": options.export})
         self.state = {"fingerprint": self.fp, "layers_done": -1, "written": [], "layers": [],
                       "total_weights": 0, "quantized_weights": 0}
         self.hidden = self.cos = self.sin = None
@@ -153,7 +178,13 @@ class QuantizeRun:
                 continue
             self.state["total_weights"] += t.numel()
             self.state["quantized_weights"] += t.numel()
-            for k, v in fmt.module_tensors(entry.module, res.qtensors[entry.module[len(prefix) + 1:]]).items():
+            rel = entry.module[len(prefix) + 1:]
+            if entry.rule.format == "code2":
+                up = res.qtensors.get(rel.replace("gate_proj", "up_proj")) if self.fused and rel.endswith("gate_proj") else None
+                tensors = wint2.module_tensors(entry.module, res.qtensors[rel], self.fused, up)
+            else:
+                tensors = fmt.module_tensors(entry.module, res.qtensors[rel])
+            for k, v in tensors.items():
                 self.writer.write(k, v)
         if self.calibrated:
             with torch.no_grad():  # the quantized layer feeds the next
@@ -173,7 +204,12 @@ class QuantizeRun:
         shards = w.shards.close()
         resume.clear_state(self.partial)
         config = dict(self.cfg.raw)
-        config["quantization_config"] = fmt.quantization_config(self.plan)
+        config["quantization_config"] = qconfig = fmt.quantization_config(self.plan)
+        if self.code2_modules:
+            qconfig[wint2.CONFIG_KEY] = wint2.config_block(self.code2_modules, self.fused)
+        if self.fused:
+            layers = qconfig[wint2.CONFIG_KEY]["layers"]
+            qconfig.update(wint2.fastdeploy_keys(layers, self.cfg.num_hidden_layers))
         w.write_json("config.json", config)
         copied = w.copy_small_files(self.path)
         plan_rows = [{"module": e.module, "shape": list(e.shape), "rule": e.rule.label, "method": e.rule.method,
@@ -181,10 +217,12 @@ class QuantizeRun:
         w.write_json(fmt.METADATA_FILE, {
             "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "quantkit_version": __version__,
             "recipe": self.recipe.to_dict(), "plan": plan_rows, "unquantized": list(self.plan.unquantized), "shards": shards})
-        quantized_names = {s.name for e in self.plan.entries
-                           for p in fmt.expert_prefixes(e.module, e.shape[0] if e.is_experts else 0)
-                           for s in fmt.linear_specs(p, *e.shape[-2:], e.rule.bits, e.group_size, e.rule.symmetric, self.dtype)}
-        quantized_bytes = sum(s.nbytes for s in self.specs if s.name in quantized_names)
+        parts: dict[str, list[int]] = {}  # rule label -> [bytes, weights]
+        for e in self.plan.entries:
+            acc = parts.setdefault(e.rule.label + (" (routed experts)" if e.is_experts else ""), [0, 0])
+            acc[0] += sum(s.nbytes for s in entry_specs(e, self.dtype, self.fused))
+            acc[1] += int(torch.tensor(e.shape).prod())
+        quantized_bytes = sum(b for b, _ in parts.values())
         st = self.state
         report = {
             "source": str(self.src), "output": str(self.out), "recipe": self.recipe.name, "device": self.opt.device,
@@ -193,6 +231,8 @@ class QuantizeRun:
             "quantized_weights": st["quantized_weights"], "total_weights": st["total_weights"],
             "bits_per_weight_quantized": 8 * quantized_bytes / max(st["quantized_weights"], 1),
             "bits_per_weight_overall": 8 * w.shards.total_bytes / max(st["total_weights"], 1),
+            "bits_per_weight_parts": {k: {"bits_per_weight": 8 * b / max(n, 1), "weights": n} for k, (b, n) in sorted(parts.items())},
+            "export": self.opt.export,
             "size_bytes": sum((w.tmp / f).stat().st_size for f in shards),
             "source_size_bytes": sum(f.stat().st_size for f in self.path.glob("*.safetensors")),
             "shards": len(shards), "copied_files": copied,
@@ -254,6 +294,8 @@ def format_summary(r: dict) -> str:
         f"quantized {r['source']} -> {r['output']} with {r['recipe']} in {r['seconds']:.1f}s (peak RSS {r['peak_rss_bytes'] / gb:.2f} GB)",
         f"  bits/weight: {r['bits_per_weight_quantized']:.3f} in the quantized part "
         f"({r['quantized_weights'] / max(r['total_weights'], 1):.1%} of weights), {r['bits_per_weight_overall']:.3f} overall",
+        *[f"    {k}: {v['bits_per_weight']:.3f} bits/weight over {v['weights']:,} weights"
+          for k, v in r.get("bits_per_weight_parts", {}).items()],
         f"  size: {r['size_bytes'] / gb:.3f} GB on disk vs {r['source_size_bytes'] / gb:.3f} GB source "
         f"({r['size_bytes'] / max(r['source_size_bytes'], 1):.1%}) in {r['shards']} shard(s)",
     ]

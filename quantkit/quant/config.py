@@ -9,6 +9,14 @@ matches an ``ignore`` pattern stays unquantized.
 Never quantized, whatever the recipe says (they are not candidates at all): the router ``mlp.gate``,
 ``moe_statics``, embeddings, norms and the (tied) ``lm_head``.
 
+Two formats: ``format="int"`` (grouped integer grids, compressed-tensors) and ``format="code2"`` (the 2-bit
+convolutional code of ``quantkit.format.wint2``, bits=2 and 64-input groups by construction, for routed
+experts only; its ``method`` is rtn (plain encoder) or gptq (Hessian-aware encoder)). Built-in mixed
+recipes: ``w2code`` (routed experts in the code, the rest w4g128), ``w2code-w4edges`` (also the first and
+last MoE layers' experts at w4g128), ``w2g64-experts`` (routed experts int2 g64 asym, the rest w4g128:
+the int baseline at the same non-expert rule); ``layer_range_recipe`` builds FastDeploy-style ``w4w2``
+layer ranges.
+
 Group-size fallback: a group must divide the input dim K for the formats servers read. Where the
 requested group does not, the largest power of two below it that divides K (and is at least 8) is used,
 and the plan records it per module (``Plan.entries[i].note``). If none exists the plan is an error.
@@ -24,10 +32,12 @@ from pathlib import Path
 from quantkit.errors import UsageError
 from quantkit.model.config import ErnieMoeConfig
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2  # 2: rules gained ``format``
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128, None)  # None = one group per output channel ("channel" strategy)
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+FORMATS = ("int", "code2")
+CODE2_METHODS = ("rtn", "gptq")
 
 
 @dataclass(frozen=True)
@@ -37,8 +47,13 @@ class Rule:
     symmetric: bool = True
     method: str = "rtn"
     clip_search: bool = False  # MSE-optimal clipping per group (as HQQ/AWQ search the range)
+    format: str = "int"  # "int" or "code2" (the 2-bit convolutional code; bits=2, group_size=64)
 
     def __post_init__(self):
+        if self.format not in FORMATS:
+            raise UsageError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.format == "code2" and (self.bits, self.group_size) != (2, 64):
+            raise UsageError(f"the 2-bit code has bits=2 and group_size=64, got bits={self.bits}, group_size={self.group_size}")
         if self.bits not in BITS:
             raise UsageError(f"bits must be one of {BITS}, got {self.bits}")
         if self.group_size not in GROUP_SIZES:
@@ -48,6 +63,8 @@ class Rule:
 
     @property
     def label(self) -> str:
+        if self.format == "code2":
+            return "w2code"
         g = "ch" if self.group_size is None else f"g{self.group_size}"
         return f"w{self.bits}{g}-{'sym' if self.symmetric else 'asym'}"
 
@@ -56,14 +73,16 @@ class Rule:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Rule":
-        known = {"bits", "group_size", "symmetric", "method", "clip_search"}
+        known = {"bits", "group_size", "symmetric", "method", "clip_search", "format"}
         unknown = set(d) - known - {"pattern"}
         if unknown:
             raise UsageError(f"recipe rule has unknown key(s): {', '.join(sorted(unknown))}")
-        gs = d.get("group_size", 128)
+        code2 = d.get("format") == "code2"
+        gs = d.get("group_size", 64 if code2 else 128)
         if gs in ("channel", -1, 0):
             gs = None
-        return cls(**{**{k: v for k, v in d.items() if k in known}, "group_size": gs})
+        extra = {"bits": d.get("bits", 2), "symmetric": d.get("symmetric", False)} if code2 else {}
+        return cls(**{**{k: v for k, v in d.items() if k in known}, **extra, "group_size": gs})
 
 
 @dataclass(frozen=True)
@@ -131,22 +150,68 @@ def simple_recipe(bits: int, group_size: int | None, symmetric: bool, name: str 
     return Recipe(name=name or rule.label, rules=((".*", rule),))
 
 
+CODE2 = Rule(bits=2, group_size=64, symmetric=False, format="code2")
+W4 = Rule(bits=4, group_size=128, symmetric=True)
+ROUTED = r"mlp\.experts\."
+
+
+def layer_range_recipe(name: str, ranges: list[tuple[int, int, Rule]], rest: Rule = W4) -> Recipe:
+    """FastDeploy-style per-layer-range rules for the routed experts (``moe_quant_type: w4w2``):
+    ``ranges`` = [(first, last, rule)] (inclusive), the rest of the model (and experts of other layers) ``rest``."""
+    rules = []
+    for first, last, rule in ranges:
+        if first > last or first < 0:
+            raise UsageError(f"bad layer range {first}..{last}")
+        layers = "|".join(str(i) for i in range(first, last + 1))
+        rules.append((rf"^model\.layers\.({layers})\.{ROUTED}", rule))
+    return Recipe(name=name, rules=(*rules, (".*", rest)))
+
+
+def _edges_recipe(cfg: ErnieMoeConfig) -> Recipe:
+    """``w2code-w4edges`` for a model: experts of the first and last MoE layers at w4g128, the others in the code."""
+    moe = cfg.moe_layers
+    ranges = [(moe[0], moe[0], W4), (moe[-1], moe[-1], W4)] if len(moe) > 1 else []
+    return layer_range_recipe("w2code-w4edges", [*ranges, (0, cfg.num_hidden_layers - 1, CODE2)])
+
+
 BUILTIN_RECIPES = {
     "w4g128": simple_recipe(4, 128, True, "w4g128"),
     "w4g128-asym": simple_recipe(4, 128, False, "w4g128-asym"),
     "w3g128": simple_recipe(3, 128, False, "w3g128"),
     "w2g64": simple_recipe(2, 64, False, "w2g64"),
     "w8": simple_recipe(8, None, True, "w8"),
+    "w2code": Recipe(name="w2code", rules=((ROUTED, CODE2), (".*", W4))),
+    "w2g64-experts": Recipe(name="w2g64-experts", rules=((ROUTED, Rule(bits=2, group_size=64, symmetric=False)), (".*", W4))),
 }
+MODEL_RECIPES = {"w2code-w4edges": _edges_recipe}  # built per model (they name layer ranges)
 
 
-def get_recipe(name_or_path: str) -> Recipe:
+def get_recipe(name_or_path: str, cfg: ErnieMoeConfig | None = None) -> Recipe:
+    """A built-in recipe or a recipe file. Model-dependent built-ins (``w2code-w4edges``) need ``cfg``;
+    without it they are returned as a placeholder that ``resolve_recipe`` fills in at plan time."""
     if name_or_path in BUILTIN_RECIPES:
         return BUILTIN_RECIPES[name_or_path]
+    if name_or_path in MODEL_RECIPES:
+        if cfg is not None:
+            return MODEL_RECIPES[name_or_path](cfg)
+        return Recipe(name=name_or_path, rules=((ROUTED, CODE2), (".*", W4)))
     p = Path(name_or_path)
     if p.is_file():
         return Recipe.from_file(p)
-    raise UsageError(f"unknown recipe {name_or_path!r}: use one of {', '.join(BUILTIN_RECIPES)} or a .json/.yaml file")
+    raise UsageError(f"unknown recipe {name_or_path!r}: use one of {', '.join([*BUILTIN_RECIPES, *MODEL_RECIPES])} "
+                     "or a .json/.yaml file")
+
+
+def resolve_recipe(recipe: Recipe, cfg: ErnieMoeConfig) -> Recipe:
+    """Fill a model-dependent built-in (the placeholder ``get_recipe`` returns without a model) for ``cfg``,
+    keeping the method and clipping the user chose; any other recipe is returned as is."""
+    def shape(r: Recipe):
+        return [(p, x.format, x.bits, x.group_size, x.symmetric) for p, x in r.rules]
+
+    if recipe.name in MODEL_RECIPES and shape(recipe) == shape(get_recipe(recipe.name)):
+        first = recipe.rules[0][1]
+        return MODEL_RECIPES[recipe.name](cfg).with_method(first.method, first.clip_search)
+    return recipe
 
 
 # -- the plan: which module gets which rule ---------------------------------------------------------
@@ -213,11 +278,21 @@ def candidate_modules(cfg: ErnieMoeConfig) -> list[tuple[str, tuple[int, ...]]]:
 
 def make_plan(cfg: ErnieMoeConfig, recipe: Recipe) -> Plan:
     """Resolve the recipe against the model; validate that fused groups (q/k/v, gate/up) share one rule."""
+    recipe = resolve_recipe(recipe, cfg)
     entries, unquantized = [], []
     for name, shape in candidate_modules(cfg):
         rule = recipe.rule_for(name)
         if rule is None:
             unquantized.append(name)
+            continue
+        if rule.format == "code2":
+            if len(shape) != 3:
+                raise UsageError(f"recipe {recipe.name!r}: {name} matches a 2-bit code rule, which is for routed experts only")
+            if shape[-1] % 64:
+                raise UsageError(f"recipe {recipe.name!r}: {name} has K={shape[-1]} inputs; the 2-bit code needs a multiple of 64")
+            if rule.method not in CODE2_METHODS:
+                raise UsageError(f"recipe {recipe.name!r}: method {rule.method!r} is not available for the 2-bit code (use rtn or gptq)")
+            entries.append(PlanEntry(name, shape, rule, 64))
             continue
         g, note = effective_group(rule.group_size, shape[-1])
         entries.append(PlanEntry(name, shape, rule, g, note))
@@ -228,7 +303,8 @@ def make_plan(cfg: ErnieMoeConfig, recipe: Recipe) -> Plan:
             if leaf != group[0]:
                 continue
             members = [f"{stem}.{m}" for m in group]
-            kinds = {(by_name[m].rule.bits, by_name[m].group_size, by_name[m].rule.symmetric) if m in by_name else None for m in members}
+            kinds = {(by_name[m].rule.format, by_name[m].rule.bits, by_name[m].group_size, by_name[m].rule.symmetric)
+                     if m in by_name else None for m in members}
             if len(kinds) > 1:
                 raise UsageError(f"recipe {recipe.name!r}: {', '.join(members)} are loaded fused by servers and must share one rule")
     return Plan(recipe, tuple(entries), tuple(unquantized))

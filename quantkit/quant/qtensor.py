@@ -49,3 +49,42 @@ def dequantize(codes, scales, zeros, group_size: int, dtype=torch.float32) -> to
     if zeros is not None:
         q = q - zeros.float()[..., None]
     return (q * scales.float()[..., None]).reshape(*lead, n, k).to(dtype)
+
+
+@dataclass
+class Code2Tensor:
+    """The 2-bit convolutional code of one weight or of E stacked expert weights, held exactly as on disk
+    (``quantkit.format.wint2`` documents names, dtypes, layout and the decoder):
+        quant_weight uint8 [.., K/4, N]   weight_scale uint8 [.., ceil(K/128), N]   super_scales bf16 [.., N]
+        code_scale   fp32  [.., N]        code_zp      fp32  [.., N]
+    Unlike ``QTensor`` it is stored input-major (``[K, N]``, FastDeploy's layout); ``dequantize`` returns
+    quantkit's ``[.., N, K]`` orientation so both kinds plug into the same modules and error measures.
+    """
+
+    quant_weight: torch.Tensor
+    weight_scale: torch.Tensor
+    super_scales: torch.Tensor
+    code_scale: torch.Tensor
+    code_zp: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(.., N, K), like ``QTensor.shape``."""
+        *lead, r, n = self.quant_weight.shape
+        return (*lead, n, r * 4)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Leaf name (``quant_weight``, ...) -> tensor."""
+        from quantkit.format.wint2 import LEAVES
+
+        return {leaf: getattr(self, leaf) for leaf in LEAVES}
+
+    def select(self, index) -> "Code2Tensor":
+        """One expert (or a slice of experts) of a stacked code."""
+        return Code2Tensor(*(t[index] for t in self.tensors().values()))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """fp32 reference decode (``wint2.decode``), transposed to [.., N, K], then cast."""
+        from quantkit.format.wint2 import decode
+
+        return decode(**self.tensors()).transpose(-1, -2).to(dtype)

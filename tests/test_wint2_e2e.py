@@ -1,0 +1,140 @@
+"""quantize with the 2-bit code -> load -> run; the FastDeploy fused layout; CLI and inspect."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import quantkit
+from quantkit.errors import UsageError
+from quantkit.format import wint2
+from quantkit.model.safetensors_io import CheckpointReader
+from quantkit.nn.code2 import Code2Stack
+from quantkit.nn.quantized import QuantExperts, QuantLinear
+from quantkit.pipeline.quantize import CalibOptions, QuantizeOptions, quantize
+from quantkit.quant.config import get_recipe
+from quantkit.sources.random_models import ERNIE_TINY, write_random_checkpoint
+
+DIMS = dict(ERNIE_TINY, hidden_size=128, moe_intermediate_size=64, intermediate_size=256, head_dim=32)  # K % 64 == 0
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    path = tmp_path_factory.mktemp("src") / "ernie64"
+    path.mkdir()
+    write_random_checkpoint(path, DIMS, seed=0, dtype="float32", max_shard_bytes=1 << 30)
+    return path
+
+
+@pytest.fixture(scope="module")
+def outs(src, tmp_path_factory):
+    """The demo recipe written both ways: {export: (output dir, report)}."""
+    base = tmp_path_factory.mktemp("w2code")
+    return {e: (base / e, quantize(str(src), base / e, get_recipe("w2code"), QuantizeOptions(progress=False, export=e)))
+            for e in ("quantkit", "fastdeploy")}
+
+
+def _weights(q, name, proj):
+    """fp32 dequantized [E, N, K] of a quantized experts projection."""
+    m = q.get_submodule(name)
+    return torch.stack([m.project(e, proj, torch.eye(m.down_proj.k if proj == "down_proj" else DIMS["hidden_size"])).T
+                        for e in range(m.num_experts)])
+
+
+def dequantized_reference(qmodel, src):
+    ref = quantkit.load(src)
+    qmods = dict(qmodel.named_modules())
+    with torch.no_grad():
+        for name, mod in ref.named_modules():
+            q = qmods.get(name)
+            if isinstance(q, QuantLinear):
+                mod.weight.copy_(q.weight(torch.float32))
+            elif isinstance(q, QuantExperts):
+                for proj in ("gate_proj", "up_proj", "down_proj"):
+                    getattr(mod, proj).copy_(_weights(qmodel, name, proj))
+    return ref
+
+
+@pytest.mark.parametrize("export", ["quantkit", "fastdeploy"])
+def test_w2code_logits_equal_fp_model_with_dequantized_weights(src, outs, export):
+    out, report = outs[export]
+    q = quantkit.load(out)
+    assert sum(isinstance(m, Code2Stack) for m in q.modules()) == (2 if export == "fastdeploy" else 3) * 2
+    ref = dequantized_reference(q, src)
+    ids = torch.randint(0, 320, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (q(ids) - ref(ids)).abs().max().item() <= 1e-5
+    parts = report["bits_per_weight_parts"]
+    assert set(parts) == {"w2code (routed experts)", "w4g128-sym"}
+    names = set(CheckpointReader(out).names())
+    if export == "fastdeploy":
+        assert "model.layers.1.mlp.experts.3.up_gate_proj.quant_weight" in names
+        assert not any(".experts.3.gate_proj." in n for n in names)
+        cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert cfg["moe_quant_type"] == "w4w2" and cfg["moe_quant_config"]["moe_w2_quant_config"]["quant_start_layer"] == 1
+
+
+def test_fused_export_decodes_like_separate_gate_and_up(outs):
+    q = {e: quantkit.load(out) for e, (out, _) in outs.items()}
+    name = "model.layers.2.mlp.experts"
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        assert torch.equal(_weights(q["quantkit"], name, proj), _weights(q["fastdeploy"], name, proj))
+    sep, fused = CheckpointReader(outs["quantkit"][0]), CheckpointReader(outs["fastdeploy"][0])
+    p = "model.layers.2.mlp.experts.5"
+    for leaf in wint2.LEAVES:
+        gate_up = torch.cat([sep.read(f"{p}.gate_proj.{leaf}"), sep.read(f"{p}.up_proj.{leaf}")], dim=-1)
+        assert torch.equal(fused.read(f"{p}.up_gate_proj.{leaf}"), gate_up)
+
+
+def test_w2code_gptq_uses_the_hessian_in_the_pipeline(tmp_path, src, outs):
+    calib = CalibOptions(data="sotu:train", samples=4, seq_len=64, expert_calibration="all")
+    rep = quantize(str(src), tmp_path / "g", get_recipe("w2code").with_method("gptq"), QuantizeOptions(progress=False, calib=calib))
+    errs = rep["layers"][1]["errors"]["mlp.experts.gate_proj"]
+    assert len(errs) == DIMS["moe_num_experts"] and all(0 < e < 1 for e in errs)
+    plain, aware = CheckpointReader(outs["quantkit"][0]), CheckpointReader(tmp_path / "g")
+    p = "model.layers.1.mlp.experts.0.gate_proj"
+    # same scales and codebooks (layer 1 sees the unquantized model's inputs), codes re-chosen
+    assert torch.equal(plain.read(f"{p}.code_scale"), aware.read(f"{p}.code_scale"))
+    assert not torch.equal(plain.read(f"{p}.quant_weight"), aware.read(f"{p}.quant_weight"))
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "quantkit.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_cli_quantize_and_inspect(tmp_path, src):
+    out = tmp_path / "o"
+    r = run_cli("quantize", str(src), "-o", str(out), "--recipe", "w2code")
+    assert r.returncode == 0, r.stderr
+    assert "w2code (routed experts)" in r.stdout
+    r = run_cli("inspect", str(out))
+    assert r.returncode == 0 and "ccq_wint2" in r.stdout and "2-bit code" in r.stdout and "bits/weight" in r.stdout
+
+
+def test_bad_requests_are_usage_errors(tmp_path, src):
+    with pytest.raises(UsageError, match="multiple of 64"):
+        quantize("random:ernie-tiny", tmp_path / "x", get_recipe("w2code"), QuantizeOptions(progress=False))
+    with pytest.raises(UsageError, match="2-bit code"):
+        quantize(str(src), tmp_path / "y", get_recipe("w4g128"), QuantizeOptions(progress=False, export="fastdeploy"))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("export", ["quantkit", "fastdeploy"])
+def test_triton_backend_matches_torch(outs, export, monkeypatch):
+    """The fused-MoE kernels read the coded experts (the fused up_gate_proj as two column views) and agree
+    with the torch path (Triton's interpreter on CPU)."""
+    pytest.importorskip("triton")
+    from quantkit.kernels import fused_moe as fm
+
+    calls = []
+    real = fm.fused_moe
+    monkeypatch.setattr(fm, "fused_moe", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    ids = torch.randint(0, DIMS["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(1)).to(dev)
+    with torch.no_grad():
+        ref = quantkit.load(outs[export][0], device=dev, backend="torch")(ids).double()
+        out = quantkit.load(outs[export][0], device=dev, backend="triton")(ids).double()
+    assert len(calls) == 2  # the two MoE layers, both through the kernels
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-4
