@@ -7,7 +7,10 @@
 The first row is the unquantized source (its stored dtype). Each (recipe, method, expert calibration)
 is quantized into WORKDIR and evaluated on the same tokens; RTN rows need no calibration and appear
 once. With --resume, rows already in --json (same settings) are kept and not measured again. Issue 3's table: the defaults. Issue 4's: --data sotu:test --recipes w4g128,w2g64
---methods rtn,gptq,awq,awq+gptq --expert-calibration routed,all.
+--methods rtn,gptq,awq,awq+gptq --expert-calibration routed,all. Issue 5's (the 2-bit code against int2 at equal
+non-expert rules): --recipes w2code,w2g64-experts,benchmarks/recipes/w2code-experts-only.json,
+benchmarks/recipes/w2g64-experts-only.json --methods rtn,gptq. A recipe is a built-in name or a recipe file
+(rows are labelled by the recipe's name).
 """
 
 from __future__ import annotations
@@ -71,23 +74,25 @@ def main() -> None:
             Path(a.json).write_text(json.dumps({**settings, "threads": torch.get_num_threads(), "rows": rows},
                                                indent=2) + "\n")
 
-    def evaluate(name, path, bits, size, seconds):
+    def evaluate(name, path, bits, size, seconds, **extra):
         if any(r["model"] == name for r in rows):
             print(f"{name}: kept from {a.json}", flush=True)
             return
         model = quantkit.load(path)
         r = perplexity(model, ids, a.seq_len, a.max_windows, model_name=name, data_name=a.data)
         rows.append({"model": name, "perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens,
-                     "bits_per_weight_quantized": bits, "size_bytes": size, "quantize_seconds": seconds})
+                     "bits_per_weight_quantized": bits, "size_bytes": size, "quantize_seconds": seconds, **extra})
         print(f"{name}: ppl {r.perplexity:.3f}", flush=True)
         save()  # after every row: a long run that dies keeps what it measured
 
     dtype = str(default_dtype(ErnieMoeConfig.from_dir(src))).replace("torch.", "")
     evaluate(f"{a.src} ({dtype} weights)", src, None, src_bytes, None)
-    for name in a.recipes.split(","):
+    for spec in a.recipes.split(","):
+        base_recipe = get_recipe(spec, ErnieMoeConfig.from_dir(src))
+        name = base_recipe.name
         for method in a.methods.split(","):
             for mode in (["-"] if method == "rtn" else a.expert_calibration.split(",")):
-                recipe = get_recipe(name).with_method(method, a.clip_search or None)
+                recipe = base_recipe.with_method(method, a.clip_search or None)
                 calib = CalibOptions(data=a.calib, samples=a.calib_samples, seq_len=a.calib_seq_len,
                                      expert_calibration="routed" if mode == "-" else mode)
                 label = f"{name} {method}" + ("" if mode == "-" else f" ({mode})")
@@ -97,7 +102,9 @@ def main() -> None:
                 out = work / label.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "-")
                 t0 = time.perf_counter()
                 rep = quantize(str(src), out, recipe, QuantizeOptions(force=True, progress=False, calib=calib))
-                evaluate(label, out, rep["bits_per_weight_quantized"], rep["size_bytes"], time.perf_counter() - t0)
+                evaluate(label, out, rep["bits_per_weight_quantized"], rep["size_bytes"], time.perf_counter() - t0,
+                         bits_per_weight_overall=rep["bits_per_weight_overall"],
+                         bits_per_weight_parts=rep["bits_per_weight_parts"])
                 if not a.workdir:
                     shutil.rmtree(out)
 
@@ -105,11 +112,13 @@ def main() -> None:
     print(f"\n{a.src} on {a.data}: seq_len {a.seq_len}, {rows[0]['tokens']} predicted tokens"
           f"{', clip search' if a.clip_search else ''}; calibration (non-RTN rows): {a.calib}, "
           f"{a.calib_samples} x {a.calib_seq_len} tokens\n")
-    print("| model | perplexity | vs source | bits/weight (quantized part) | size |")
-    print("|---|---|---|---|---|")
+    print("| model | perplexity | vs source | bits/weight (quantized part) | bits/weight (all) | size |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        bits = "-" if r["bits_per_weight_quantized"] is None else f"{r['bits_per_weight_quantized']:.3f}"
-        print(f"| {r['model']} | {r['perplexity']:.3f} | {r['perplexity'] / base:.3f}x | {bits} | {r['size_bytes'] / 1e6:.1f} MB |")
+        bits, overall = ("-" if r.get(k) is None else f"{r[k]:.3f}"
+                         for k in ("bits_per_weight_quantized", "bits_per_weight_overall"))
+        print(f"| {r['model']} | {r['perplexity']:.3f} | {r['perplexity'] / base:.3f}x | {bits} | {overall} "
+              f"| {r['size_bytes'] / 1e6:.1f} MB |")
 
 
 if __name__ == "__main__":
