@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 
 def run(layers: int, a) -> dict:
     src = f"random:ernie-21b-a3b?layers={layers}"
@@ -44,16 +46,19 @@ def main() -> None:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    rows = [run(int(n), a) for n in a.layers.split(",")]
+    rows = []
+    for n in a.layers.split(","):
+        rows.append(run(int(n), a))
+        if a.json:  # after every run: a long job that dies keeps what it measured
+            Path(a.json).write_text(json.dumps({"method": a.method, "samples": a.samples, "seq_len": a.seq_len,
+                                                "device": a.device, "threads": torch.get_num_threads(), "rows": rows},
+                                               indent=2) + "\n")
     print(f"\n{a.method}, {a.samples} x {a.seq_len} calibration tokens, device {a.device}\n")
     print("| model | peak RSS | time | s per MoE layer | dry-run estimate |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| 21B-A3B dims, {r['layers']} layers | {r['peak_rss_bytes'] / 1e9:.2f} GB | {r['seconds']:.0f} s | "
               f"{r['seconds_per_moe_layer']:.0f} s | {r['dry_run_peak_host']} |")
-    if a.json:
-        Path(a.json).write_text(json.dumps({"method": a.method, "samples": a.samples, "seq_len": a.seq_len,
-                                            "device": a.device, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
