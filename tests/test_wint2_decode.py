@@ -53,6 +53,8 @@ def test_local_scale_nibbles_round_trip_with_odd_trailing_group():
             assert int((packed[:, -1] & 0xF).max()) == 0
     with pytest.raises(ValueError, match="4-bit"):
         wint2.pack_local_scales(torch.tensor([[16]], dtype=torch.uint8))
+    with pytest.raises(ValueError, match="4-bit"):  # would wrap to 0xFF and spill into the neighbour nibble
+        wint2.pack_local_scales(torch.tensor([[-1], [3]]))
 
 
 def test_3d_experts_decode_like_each_expert_and_fused_like_separate():

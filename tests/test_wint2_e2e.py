@@ -76,6 +76,32 @@ def test_w2code_logits_equal_fp_model_with_dequantized_weights(src, outs, export
         assert cfg["moe_quant_type"] == "w4w2" and cfg["moe_quant_config"]["moe_w2_quant_config"]["quant_start_layer"] == 1
 
 
+@pytest.mark.parametrize("export", ["quantkit", "fastdeploy"])
+def test_decoded_experts_are_the_source_experts(src, outs, export):
+    """Each decoded expert projection is close to its own source weight and far from any other one (a swapped
+    gate/up, a wrong expert order or transposition in writer and loader alike would fail here)."""
+    q, ref = quantkit.load(outs[export][0]), quantkit.load(src)
+    name = "model.layers.2.mlp.experts"
+    srcs = {p: getattr(ref.get_submodule(name), p).float() for p in ("gate_proj", "up_proj", "down_proj")}
+    for proj in srcs:
+        got = _weights(q, name, proj)
+        for e in range(DIMS["moe_num_experts"]):
+            own = ((got[e] - srcs[proj][e]).norm() / srcs[proj][e].norm()).item()
+            assert own < 0.45  # the 2-bit code on Gaussian weights: relative error about sqrt(0.104)
+            for other_p, w in srcs.items():
+                if w.shape == got.shape:
+                    for f in range(DIMS["moe_num_experts"]):
+                        if (other_p, f) != (proj, e):
+                            assert ((got[e] - w[f]).norm() / w[f].norm()).item() > 1.2
+
+
+def test_fastdeploy_config_names_the_fused_tensors(outs):
+    qc = json.loads((outs["fastdeploy"][0] / "config.json").read_text())["quantization_config"]
+    ignored = " ".join(qc["ignore"])
+    assert "up_gate_proj" in ignored and r"experts\.\d+\.down_proj" in ignored
+    assert r"experts\.\d+\.gate_proj" not in ignored and r"experts\.\d+\.up_proj" not in ignored
+
+
 def test_fused_export_decodes_like_separate_gate_and_up(outs):
     q = {e: quantkit.load(out) for e, (out, _) in outs.items()}
     name = "model.layers.2.mlp.experts"
@@ -95,7 +121,7 @@ def test_w2code_gptq_uses_the_hessian_in_the_pipeline(tmp_path, src, outs):
     assert len(errs) == DIMS["moe_num_experts"] and all(0 < e < 1 for e in errs)
     plain, aware = CheckpointReader(outs["quantkit"][0]), CheckpointReader(tmp_path / "g")
     p = "model.layers.1.mlp.experts.0.gate_proj"
-    # same scales and codebooks (layer 1 sees the unquantized model's inputs), codes re-chosen
+    # same scales and codebooks (the encoder picks them from the weights alone), codes re-chosen under H
     assert torch.equal(plain.read(f"{p}.code_scale"), aware.read(f"{p}.code_scale"))
     assert not torch.equal(plain.read(f"{p}.quant_weight"), aware.read(f"{p}.quant_weight"))
 
@@ -119,6 +145,8 @@ def test_bad_requests_are_usage_errors(tmp_path, src):
     with pytest.raises(UsageError, match="2-bit code"):
         quantize(str(src), tmp_path / "y", get_recipe("w4g128"), QuantizeOptions(progress=False, export="fastdeploy"))
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    r = run_cli("quantize", str(src), "-o", str(tmp_path / "z"), "--recipe", "w4g128", "--export", "fastdeploy", "--dry-run")
+    assert r.returncode == 2 and "2-bit code" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("export", ["quantkit", "fastdeploy"])

@@ -110,7 +110,7 @@ def expert_prefixes(module: str, num_experts: int, fused: bool = False) -> list[
 
 def pack_local_scales(local: torch.Tensor) -> torch.Tensor:
     """uint8 [.., G, N] in 0..15 -> uint8 [.., ceil(G/2), N]: group 2j high nibble, 2j+1 low (0 if absent)."""
-    if bool((local > LOCAL_MAX).any()):
+    if bool(((local < 0) | (local > LOCAL_MAX)).any()):
         raise ValueError("local scales must be 4-bit (0..15)")
     *lead, g, n = local.shape
     if g % 2:
@@ -226,7 +226,7 @@ def config_block(modules: list[str], fused: bool) -> dict:
                       "w[4r+i, n] = q_i * local_scale[(4r+i) // 64, n] * super_scales[n]"}
 
 
-def fastdeploy_keys(layers: list[int], num_layers: int) -> dict:
+def fastdeploy_keys(layers: list[int]) -> dict:
     """FastDeploy's own ``quantization_config`` keys for w2 expert layers (its docs/quantization/wint2.md).
     Only a contiguous range is expressible; other MoE layers are what FastDeploy calls the w4 range."""
     if _ranges(layers) != [[layers[0], layers[-1]]]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from quantkit.format.compressed_tensors import packed_words, unpack_rows
-from quantkit.quant.qtensor import dequantize
+from quantkit.quant.qtensor import Code2Tensor, dequantize
 
 KERNEL_BITS = (2, 4, 8)  # int widths the Triton kernels read; 3-bit fields straddle int32 words (torch path)
 
@@ -50,33 +50,8 @@ class IntWeight:
                          self.bits, self.group_size, self.n, self.k)
 
 
-@dataclass(frozen=True)
-class Code2Weight:
-    """quant_weight uint8 [.., K/4, N], weight_scale uint8 [.., ceil(K/128), N], super_scales bf16 [.., N],
-    code_scale / code_zp fp32 [.., N] (``quantkit.format.wint2``). Column slices (views) are fine."""
-    quant_weight: torch.Tensor
-    weight_scale: torch.Tensor
-    super_scales: torch.Tensor
-    code_scale: torch.Tensor
-    code_zp: torch.Tensor
-
-    @property
-    def n(self) -> int:
-        return self.quant_weight.shape[-1]
-
-    @property
-    def k(self) -> int:
-        return self.quant_weight.shape[-2] * 4
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """[.., N, K] in ``dtype`` (the issue-5 reference decoder, transposed to quantkit's [N, K])."""
-        from quantkit.format.wint2 import decode
-
-        w = decode(self.quant_weight, self.weight_scale, self.super_scales, self.code_scale, self.code_zp)
-        return w.transpose(-1, -2).to(dtype)
-
-    def expert(self, e: int) -> "Code2Weight":
-        return Code2Weight(self.quant_weight[e], self.weight_scale[e], self.super_scales[e], self.code_scale[e], self.code_zp[e])
+# The 2-bit code as the kernels take it is the format's own container (column-slice views are fine).
+Code2Weight = Code2Tensor
 
 
 Weight = IntWeight | Code2Weight

@@ -63,6 +63,9 @@ def swap_quantized_modules(model: nn.Module, cfg: ErnieMoeConfig, qconfig: dict,
         fuse = fused and schemes.get("gate_proj") == CODE2
         if fuse and schemes.get("up_proj") != CODE2:
             raise QuantkitError(f"{mlp}: a fused up_gate_proj needs gate_proj and up_proj both in the 2-bit code")
-        model.get_submodule(mlp).experts = QuantExperts(
-            cfg.moe_num_experts, cfg.hidden_size, cfg.moe_intermediate_size, schemes, scale_dtypes[mlp], fused_up_gate=fuse)
+        try:
+            model.get_submodule(mlp).experts = QuantExperts(
+                cfg.moe_num_experts, cfg.hidden_size, cfg.moe_intermediate_size, schemes, scale_dtypes[mlp], fused_up_gate=fuse)
+        except ValueError as e:  # the 2-bit code's K check: a config that does not match the format
+            raise QuantkitError(f"{mlp}: {e}") from None
     return swapped

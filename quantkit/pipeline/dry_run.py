@@ -28,7 +28,7 @@ def _nbytes(t: torch.Tensor, dtype: torch.dtype) -> int:
 
 
 def dry_run(src: str, recipe: Recipe, options) -> dict:
-    from quantkit.pipeline.quantize import output_specs
+    from quantkit.pipeline.quantize import check_export, output_specs
 
     path = resolve(src)
     cfg = ErnieMoeConfig.from_dir(path)
@@ -36,7 +36,7 @@ def dry_run(src: str, recipe: Recipe, options) -> dict:
     with torch.device("meta"):
         skeleton = ErnieMoeForCausalLM(cfg)
     dtype = default_dtype(cfg)
-    specs = output_specs(skeleton, cfg, plan, dtype)
+    specs = output_specs(skeleton, cfg, plan, dtype, check_export(plan, options.export))
     out_bytes = sum(s.nbytes for s in specs)
     src_bytes = sum(_nbytes(t, torch.float32 if t.dtype == torch.float32 and "gate.weight" in n else dtype)
                     for n, t in model_tensors(skeleton))

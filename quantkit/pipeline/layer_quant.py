@@ -78,7 +78,7 @@ def quantize_layer(layer, prefix: str, entries: list[PlanEntry], cap: LayerCaptu
         starving = [e for e, n in enumerate(cap.expert_tokens.tolist()) if n < min_expert_tokens]
         if starving:
             warnings.warn(f"{prefix}: experts {starving} saw fewer than {min_expert_tokens} calibration tokens; "
-                          "they fall back to RTN", stacklevel=2)
+                          "they are quantized without their Hessian (RTN, or the plain 2-bit-code encoder)", stacklevel=2)
         res.rtn_fallback_experts = starving
     for entry in entries:
         rel = entry.module[len(prefix) + 1:]

@@ -7,6 +7,7 @@ layout is planned up front and each tensor is written straight to its place in i
 from __future__ import annotations
 
 import json
+import math
 import resource
 import shutil
 import sys
@@ -72,6 +73,20 @@ class QuantizeOptions:
 EXPORTS = ("quantkit", "fastdeploy")
 
 
+def check_export(plan: Plan, export: str) -> bool:
+    """Whether the plan is written in FastDeploy's fused layout; a clear error where it cannot be."""
+    if export != "fastdeploy":
+        return False
+    layers = sorted({int(e.module.split(".")[2]) for e in plan.entries if e.rule.format == "code2"})
+    if not layers:
+        raise UsageError("--export fastdeploy is for routed experts in the 2-bit code: use a w2code recipe")
+    try:
+        wint2.fastdeploy_keys(layers)
+    except ValueError as e:
+        raise UsageError(f"--export fastdeploy: {e}") from None
+    return True
+
+
 def entry_specs(entry: PlanEntry, dtype: torch.dtype, fused: bool) -> list[TensorSpec]:
     """On-disk tensors of one planned module (per expert for routed experts)."""
     if entry.rule.format == "code2":
@@ -117,14 +132,7 @@ class QuantizeRun:
         self.cfg, self.dtype = self.ckpt.config, default_dtype(self.ckpt.config)
         self.plan = make_plan(self.cfg, recipe)
         self.code2_modules = [e.module for e in self.plan.entries if e.rule.format == "code2"]
-        self.fused = options.export == "fastdeploy"
-        if self.fused and not self.code2_modules:
-            raise UsageError("--export fastdeploy is for routed experts in the 2-bit code: use a w2code recipe")
-        if self.fused:
-            try:
-                wint2.fastdeploy_keys(sorted({int(m.split(".")[2]) for m in self.code2_modules}), self.cfg.num_hidden_layers)
-            except ValueError as e:
-                raise UsageError(f"--export fastdeploy: {e}") from None
+        self.fused = check_export(self.plan, options.export)
         self.specs = output_specs(self.ckpt.skeleton, self.cfg, self.plan, self.dtype, self.fused)
         self.calibrated = any(e.rule.method != "rtn" for e in self.plan.entries)
         self.out = Path(out).expanduser().resolve()
@@ -204,24 +212,24 @@ class QuantizeRun:
         shards = w.shards.close()
         resume.clear_state(self.partial)
         config = dict(self.cfg.raw)
-        config["quantization_config"] = qconfig = fmt.quantization_config(self.plan)
+        config["quantization_config"] = qconfig = fmt.quantization_config(self.plan, self.fused)
         if self.code2_modules:
             qconfig[wint2.CONFIG_KEY] = wint2.config_block(self.code2_modules, self.fused)
         if self.fused:
             layers = qconfig[wint2.CONFIG_KEY]["layers"]
-            qconfig.update(wint2.fastdeploy_keys(layers, self.cfg.num_hidden_layers))
+            qconfig.update(wint2.fastdeploy_keys(layers))
         w.write_json("config.json", config)
         copied = w.copy_small_files(self.path)
         plan_rows = [{"module": e.module, "shape": list(e.shape), "rule": e.rule.label, "method": e.rule.method,
                       "group_size": e.group_size, "note": e.note} for e in self.plan.entries]
         w.write_json(fmt.METADATA_FILE, {
             "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "quantkit_version": __version__,
-            "recipe": self.recipe.to_dict(), "plan": plan_rows, "unquantized": list(self.plan.unquantized), "shards": shards})
+            "recipe": self.plan.recipe.to_dict(), "plan": plan_rows, "unquantized": list(self.plan.unquantized), "shards": shards})
         parts: dict[str, list[int]] = {}  # rule label -> [bytes, weights]
         for e in self.plan.entries:
             acc = parts.setdefault(e.rule.label + (" (routed experts)" if e.is_experts else ""), [0, 0])
             acc[0] += sum(s.nbytes for s in entry_specs(e, self.dtype, self.fused))
-            acc[1] += int(torch.tensor(e.shape).prod())
+            acc[1] += math.prod(e.shape)
         quantized_bytes = sum(b for b, _ in parts.values())
         st = self.state
         report = {

@@ -73,6 +73,14 @@ class Code2Tensor:
         *lead, r, n = self.quant_weight.shape
         return (*lead, n, r * 4)
 
+    @property
+    def n(self) -> int:
+        return self.quant_weight.shape[-1]
+
+    @property
+    def k(self) -> int:
+        return self.quant_weight.shape[-2] * 4
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """Leaf name (``quant_weight``, ...) -> tensor."""
         from quantkit.format.wint2 import LEAVES
@@ -82,6 +90,8 @@ class Code2Tensor:
     def select(self, index) -> "Code2Tensor":
         """One expert (or a slice of experts) of a stacked code."""
         return Code2Tensor(*(t[index] for t in self.tensors().values()))
+
+    expert = select  # the kernels' name (``quantkit.kernels.reference``)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """fp32 reference decode (``wint2.decode``), transposed to [.., N, K], then cast."""
