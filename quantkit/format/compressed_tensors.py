@@ -33,6 +33,7 @@ from collections import defaultdict
 
 import torch
 
+from quantkit.format.wint2 import EXPERT_MODULE  # quantkit's 3-D experts module names, shared by both formats
 from quantkit.format.writer import TensorSpec
 from quantkit.quant.config import Plan
 from quantkit.quant.qtensor import QTensor
@@ -41,7 +42,6 @@ FORMAT_NAME = "compressed-tensors/pack-quantized"
 FORMAT_VERSION = 1
 METADATA_FILE = "quantkit.json"
 PACKED, SCALE, ZERO, SHAPE = "weight_packed", "weight_scale", "weight_zero_point", "weight_shape"
-EXPERT_MODULE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
 
 
 # -- bit packing ------------------------------------------------------------------------------------

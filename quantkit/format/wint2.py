@@ -67,6 +67,7 @@ QUANT_WEIGHT, WEIGHT_SCALE, SUPER_SCALES, CODE_SCALE, CODE_ZP = (
 LEAVES = (QUANT_WEIGHT, WEIGHT_SCALE, SUPER_SCALES, CODE_SCALE, CODE_ZP)
 SUPER_DTYPE = torch.bfloat16
 FUSED_UP_GATE = "up_gate_proj"  # FastDeploy's fused gate|up projection (gate columns first)
+# a planned 3-D routed-experts module (all E experts of one projection); also used by compressed_tensors
 EXPERT_MODULE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
 
 

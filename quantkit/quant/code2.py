@@ -35,8 +35,9 @@ import functools
 
 import torch
 
-from quantkit.format.wint2 import GROUP, LOCAL_MAX, PACK, SUPER_DTYPE, check_k, pack_local_scales, windows
-from quantkit.quant.gptq import _inverse_cholesky
+from quantkit.format.wint2 import (GROUP, LOCAL_MAX, PACK, SUPER_DTYPE, affine_values, check_k, pack_local_scales,
+                                   windows)
+from quantkit.quant.gptq import fix_dead_inputs, inverse_cholesky
 from quantkit.quant.qtensor import Code2Tensor
 
 TUPLES = GROUP // PACK  # 4-tuples per 64-group
@@ -53,11 +54,10 @@ ROW_CHUNK = 64  # rows (columns of W, over all experts) encoded at once: bounds 
 
 def codebook(code_scale: torch.Tensor, code_zp: torch.Tensor) -> torch.Tensor:
     """q tuples of every byte: code_scale/code_zp [..] -> fp32 [.., 256, 4] (through the reference windows)."""
-    c = torch.arange(CODES, dtype=torch.uint8, device=code_scale.device)
-    codes = c.reshape(*([1] * code_scale.dim()), CODES, 1).expand(*code_scale.shape, CODES, 1)
-    v = torch.floor((codes.double() * code_scale.double()[..., None, None] + code_zp.double()[..., None, None]).float() + 0.5)
-    q = windows(v.to(torch.int32))  # [.., 1024, 1]: rows 4c..4c+3 are byte c's inputs
-    return q.reshape(*code_scale.shape, CODES, PACK).float()
+    cs, zp = code_scale.reshape(-1), code_zp.reshape(-1)
+    codes = torch.arange(CODES, device=cs.device)[:, None].expand(CODES, cs.numel())  # every byte, every codebook
+    q = windows(affine_values(codes, cs, zp))  # [1024, M]: rows 4c..4c+3 are byte c's inputs
+    return q.reshape(CODES, PACK, -1).permute(2, 0, 1).reshape(*code_scale.shape, CODES, PACK).float()
 
 
 def _dyadic(x: torch.Tensor) -> torch.Tensor:
@@ -192,11 +192,8 @@ def _hessian_codes(W: torch.Tensor, H: torch.Tensor, Qcol: torch.Tensor, scale: 
     column's codebook), scale [B, N, K/64] (local * super). Returns codes [B, N, K/4] (int64)."""
     B, N, K = W.shape
     W, H = W.clone(), H.clone()
-    dead = torch.diagonal(H, dim1=-2, dim2=-1) == 0  # inputs never seen: weight irrelevant
-    bi, ki = dead.nonzero(as_tuple=True)
-    H[bi, ki, ki] = 1.0
-    W.masked_fill_(dead[:, None, :], 0.0)
-    U = _inverse_cholesky(H, damp)
+    fix_dead_inputs(W, H)
+    U = inverse_cholesky(H, damp)
     codes = torch.empty(B, N, K // PACK, dtype=torch.long, device=W.device)
     eye = torch.eye(PACK, device=W.device)
     for i1 in range(0, K, block):

@@ -21,7 +21,16 @@ from quantkit.quant.qtensor import QTensor
 from quantkit.quant.rtn import grid_for_range, quantize_to_grid, rtn
 
 
-def _inverse_cholesky(H: torch.Tensor, damp: float, retries: int = 4) -> torch.Tensor:
+def fix_dead_inputs(W: torch.Tensor, H: torch.Tensor) -> None:
+    """In place, W [B, N, K] and H [B, K, K]: inputs calibration never saw (H_kk = 0) get H_kk = 1 and zero
+    weights, so H is invertible and the unseen (irrelevant) weights cost nothing."""
+    dead = torch.diagonal(H, dim1=-2, dim2=-1) == 0
+    b, k = dead.nonzero(as_tuple=True)
+    H[b, k, k] = 1.0
+    W.masked_fill_(dead[:, None, :], 0.0)
+
+
+def inverse_cholesky(H: torch.Tensor, damp: float, retries: int = 4) -> torch.Tensor:
     """Upper Cholesky factor of (H + λI)^-1, batched; λ grows tenfold on failure."""
     diag_mean = torch.diagonal(H, dim1=-2, dim2=-1).mean(-1)
     eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
@@ -50,9 +59,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric
     W = w.float().clone()
     H = H.float().clone()
 
-    dead = torch.diagonal(H, dim1=-2, dim2=-1) == 0  # inputs never seen: weight irrelevant, fix H
-    H[dead.nonzero(as_tuple=True)[0], dead.nonzero(as_tuple=True)[1], dead.nonzero(as_tuple=True)[1]] = 1.0
-    W.masked_fill_(dead[:, None, :], 0.0)
+    fix_dead_inputs(W, H)
 
     scales = torch.empty(E, N, G, dtype=scale_dtype, device=w.device)
     zeros = None if symmetric else torch.empty(E, N, G, dtype=torch.float32, device=w.device)
@@ -67,7 +74,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric
     else:
         perm = None
 
-    U = _inverse_cholesky(H, damp)
+    U = inverse_cholesky(H, damp)
     Q = torch.empty_like(W)
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
