@@ -117,8 +117,7 @@ def module_tensors(module: str, qt: QTensor) -> dict[str, torch.Tensor]:
     assert m, f"3-D weight for a non-expert module {module}"
     out = {}
     for e in range(qt.codes.shape[0]):
-        sub = QTensor(qt.codes[e], qt.scales[e], None if qt.zeros is None else qt.zeros[e], qt.bits, qt.group_size)
-        out.update(linear_tensors(f"{m.group(1)}.{e}.{m.group(2)}", sub))
+        out.update(linear_tensors(f"{m.group(1)}.{e}.{m.group(2)}", qt.select(e)))
     return out
 
 

@@ -45,12 +45,6 @@ def _cat(parts: list) -> QTensor | Code2Tensor:
                    None if parts[0].zeros is None else torch.cat([p.zeros for p in parts]), parts[0].bits, parts[0].group_size)
 
 
-def _select(qt: QTensor | Code2Tensor, sl) -> QTensor | Code2Tensor:
-    if isinstance(qt, Code2Tensor):
-        return qt.select(sl)
-    return QTensor(qt.codes[sl], qt.scales[sl], None if qt.zeros is None else qt.zeros[sl], qt.bits, qt.group_size)
-
-
 def _quantize(entry: PlanEntry, w: torch.Tensor, H: torch.Tensor | None, scale_dtype, use_gptq: bool) -> QTensor | Code2Tensor:
     """RTN, GPTQ or the 2-bit code of one module; 3-D experts in chunks so the fp32 working set stays small."""
     r = entry.rule
@@ -101,7 +95,7 @@ def quantize_layer(layer, prefix: str, entries: list[PlanEntry], cap: LayerCaptu
             errs = []
             for i in range(0, w.shape[0], EXPERT_CHUNK) if entry.is_experts else [None]:
                 sl = slice(None) if i is None else slice(i, i + EXPERT_CHUNK)
-                deq = _select(qt, sl).dequantize(torch.float32)
+                deq = qt.select(sl).dequantize(torch.float32)
                 errs.append(relative_error(w[sl], deq, H[sl]).reshape(-1))
                 w[sl] = deq.to(w.dtype)
             err = torch.cat(errs)

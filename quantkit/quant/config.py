@@ -47,7 +47,8 @@ class Rule:
     symmetric: bool = True
     method: str = "rtn"
     clip_search: bool = False  # MSE-optimal clipping per group (as HQQ/AWQ search the range)
-    format: str = "int"  # "int" or "code2" (the 2-bit convolutional code; bits=2, group_size=64)
+    format: str = "int"  # "int" or "code2" (the 2-bit convolutional code; bits=2, group_size=64; the code
+    # has its own per-column affine codebook, so ``symmetric`` and ``clip_search`` do not apply to it)
 
     def __post_init__(self):
         if self.format not in FORMATS:

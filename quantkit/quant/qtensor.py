@@ -37,6 +37,11 @@ class QTensor:
     def symmetric(self) -> bool:
         return self.zeros is None
 
+    def select(self, index) -> "QTensor":
+        """One expert (or a slice of experts) of a stacked tensor."""
+        return QTensor(self.codes[index], self.scales[index], None if self.zeros is None else self.zeros[index],
+                       self.bits, self.group_size)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """fp32 math, then cast: the one dequantization every path (torch, kernels, tests) agrees on."""
         return dequantize(self.codes, self.scales, self.zeros, self.group_size, dtype)
