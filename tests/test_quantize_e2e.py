@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import quantkit
-from quantkit.nn.quantized import PackedWeight, QuantExperts, QuantLinear
+from dequant_reference import dequantized_reference
+from quantkit.nn.quantized import QuantExperts, QuantLinear
 from quantkit.pipeline.quantize import QuantizeOptions, quantize
 from quantkit.quant.config import BUILTIN_RECIPES
 
@@ -22,22 +23,6 @@ def q4(tmp_path_factory):
     out = tmp_path_factory.mktemp("q") / "w4"
     quantize("random:ernie-tiny", out, BUILTIN_RECIPES["w4g128-asym"], QUIET)
     return out
-
-
-def dequantized_reference(qmodel, src):
-    """The fp model with every quantized weight replaced by its dequantization (in fp32)."""
-    ref = quantkit.load(src)
-    qmods = dict(qmodel.named_modules())
-    with torch.no_grad():
-        for name, mod in ref.named_modules():
-            q = qmods.get(name)
-            if isinstance(q, QuantLinear):
-                mod.weight.copy_(q.weight(torch.float32))
-            elif isinstance(q, QuantExperts):
-                for proj in ("gate_proj", "up_proj", "down_proj"):
-                    if isinstance(getattr(q, proj), PackedWeight):
-                        getattr(mod, proj).copy_(getattr(q, proj).weight(torch.float32))
-    return ref
 
 
 @pytest.mark.parametrize("recipe", ["w4g128", "w4g128-asym", "w3g128", "w2g64"])

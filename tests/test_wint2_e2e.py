@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import quantkit
+from dequant_reference import dequantized_reference, expert_weights
 from quantkit.errors import UsageError
 from quantkit.format import wint2
 from quantkit.model.safetensors_io import CheckpointReader
 from quantkit.nn.code2 import Code2Stack
-from quantkit.nn.quantized import QuantExperts, QuantLinear
 from quantkit.pipeline.quantize import CalibOptions, QuantizeOptions, quantize
 from quantkit.quant.config import get_recipe
 from quantkit.sources.random_models import ERNIE_TINY, write_random_checkpoint
@@ -34,27 +34,6 @@ def outs(src, tmp_path_factory):
     base = tmp_path_factory.mktemp("w2code")
     return {e: (base / e, quantize(str(src), base / e, get_recipe("w2code"), QuantizeOptions(progress=False, export=e)))
             for e in ("quantkit", "fastdeploy")}
-
-
-def _weights(q, name, proj):
-    """fp32 dequantized [E, N, K] of a quantized experts projection."""
-    m = q.get_submodule(name)
-    return torch.stack([m.project(e, proj, torch.eye(m.down_proj.k if proj == "down_proj" else DIMS["hidden_size"])).T
-                        for e in range(m.num_experts)])
-
-
-def dequantized_reference(qmodel, src):
-    ref = quantkit.load(src)
-    qmods = dict(qmodel.named_modules())
-    with torch.no_grad():
-        for name, mod in ref.named_modules():
-            q = qmods.get(name)
-            if isinstance(q, QuantLinear):
-                mod.weight.copy_(q.weight(torch.float32))
-            elif isinstance(q, QuantExperts):
-                for proj in ("gate_proj", "up_proj", "down_proj"):
-                    getattr(mod, proj).copy_(_weights(qmodel, name, proj))
-    return ref
 
 
 @pytest.mark.parametrize("export", ["quantkit", "fastdeploy"])
@@ -84,7 +63,7 @@ def test_decoded_experts_are_the_source_experts(src, outs, export):
     name = "model.layers.2.mlp.experts"
     srcs = {p: getattr(ref.get_submodule(name), p).float() for p in ("gate_proj", "up_proj", "down_proj")}
     for proj in srcs:
-        got = _weights(q, name, proj)
+        got = expert_weights(q.get_submodule(name), proj)
         for e in range(DIMS["moe_num_experts"]):
             own = ((got[e] - srcs[proj][e]).norm() / srcs[proj][e].norm()).item()
             assert own < 0.45  # the 2-bit code on Gaussian weights: relative error about sqrt(0.104)
@@ -106,7 +85,8 @@ def test_fused_export_decodes_like_separate_gate_and_up(outs):
     q = {e: quantkit.load(out) for e, (out, _) in outs.items()}
     name = "model.layers.2.mlp.experts"
     for proj in ("gate_proj", "up_proj", "down_proj"):
-        assert torch.equal(_weights(q["quantkit"], name, proj), _weights(q["fastdeploy"], name, proj))
+        assert torch.equal(expert_weights(q["quantkit"].get_submodule(name), proj),
+                           expert_weights(q["fastdeploy"].get_submodule(name), proj))
     sep, fused = CheckpointReader(outs["quantkit"][0]), CheckpointReader(outs["fastdeploy"][0])
     p = "model.layers.2.mlp.experts.5"
     for leaf in wint2.LEAVES:

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from quantkit.format import wint2
-from quantkit.kernels.reference import Code2Weight
 from quantkit.quant.qtensor import Code2Tensor
 
 
@@ -27,13 +26,10 @@ class Code2Stack(nn.Module):
         for spec in wint2.tensor_specs("x", n, k):
             self.register_buffer(spec.name[2:], torch.empty(num_experts, *spec.shape, dtype=spec.dtype))
 
-    def code(self, index: int, cols: slice = slice(None)) -> Code2Tensor:
-        return Code2Tensor(*(getattr(self, leaf)[index][..., cols] for leaf in wint2.LEAVES))
+    def kernel_weight(self, cols: slice = slice(None)) -> Code2Tensor:
+        """All experts' code for columns ``cols`` (views, no copy): what the kernels read."""
+        return Code2Tensor(*(getattr(self, leaf)[..., cols] for leaf in wint2.LEAVES))
 
     def weight(self, dtype: torch.dtype, index: int, cols: slice = slice(None)) -> torch.Tensor:
         """Expert ``index``'s weight ``[N', K]`` (quantkit orientation) for columns ``cols`` of the stack."""
-        return self.code(index, cols).dequantize(dtype)
-
-    def kernel_weight(self, cols: slice = slice(None)) -> Code2Weight:
-        """All experts' code for columns ``cols`` as the kernels read it (views, no copy)."""
-        return Code2Weight(*(getattr(self, leaf)[..., cols] for leaf in wint2.LEAVES))
+        return self.kernel_weight(cols).select(index).dequantize(dtype)

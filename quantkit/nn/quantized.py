@@ -102,22 +102,31 @@ class QuantExperts(Experts):
             else:  # left unquantized by the recipe
                 setattr(self, name, nn.Parameter(torch.empty(num_experts, n, k), requires_grad=False))
 
+    def _stack(self, name: str) -> tuple:
+        """(storage, column slice) of projection ``name``: in the fused layout gate and up are the first and the
+        second half of ``up_gate_proj``'s columns."""
+        if self.fused and name != "down_proj":
+            i = self.inter
+            return self.up_gate_proj, slice(0, i) if name == "gate_proj" else slice(i, 2 * i)
+        return getattr(self, name), slice(None)
+
+    def expert_weight(self, e: int, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Expert ``e``'s ``[N, K]`` weight of projection ``name`` in ``dtype`` (dequantized where stored quantized)."""
+        w, cols = self._stack(name)
+        if isinstance(w, Code2Stack):
+            return w.weight(dtype, e, cols)
+        return w.weight(dtype, e) if isinstance(w, PackedWeight) else w[e].to(dtype)
+
     def project(self, e: int, name: str, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and name != "down_proj":  # gate columns first, then up
-            cols = slice(0, self.inter) if name == "gate_proj" else slice(self.inter, 2 * self.inter)
-            return F.linear(x, self.up_gate_proj.weight(x.dtype, e, cols))
-        w = getattr(self, name)
-        return F.linear(x, w.weight(x.dtype, e) if isinstance(w, (PackedWeight, Code2Stack)) else w[e])
+        return F.linear(x, self.expert_weight(e, name, x.dtype))
 
     def kernel_projections(self) -> list | None:
         """gate, up, down as kernel weights (``quantkit.kernels.reference``), or None when one is not a
         quantized stack (a projection left unquantized by the recipe)."""
-        if self.fused:
-            i = self.inter
-            gate_up = [self.up_gate_proj.kernel_weight(slice(0, i)), self.up_gate_proj.kernel_weight(slice(i, 2 * i))]
-            return gate_up + [self.down_proj.kernel_weight()] if hasattr(self.down_proj, "kernel_weight") else None
-        projs = [getattr(self, name) for name in ("gate_proj", "up_proj", "down_proj")]
-        return [p.kernel_weight() for p in projs] if all(hasattr(p, "kernel_weight") for p in projs) else None
+        stacks = [self._stack(name) for name in ("gate_proj", "up_proj", "down_proj")]
+        if not all(hasattr(w, "kernel_weight") for w, _ in stacks):
+            return None
+        return [w.kernel_weight(cols) if isinstance(w, Code2Stack) else w.kernel_weight() for w, cols in stacks]
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """The fused MoE kernels when the backend is triton and every projection is a quantized stack; else the
