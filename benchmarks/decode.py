@@ -65,17 +65,17 @@ def swap_quantized(model, cfg, scheme: str) -> None:
     from torch import nn
 
     from quantkit.model.layers import Experts
-    from quantkit.nn.quantized import QuantExperts, QuantLinear
+    from quantkit.nn.quantized import CODE2, QuantExperts, QuantLinear
 
-    w4 = {p: (4, 128, True) for p in ("gate_proj", "up_proj", "down_proj")}
+    projs = ("gate_proj", "up_proj", "down_proj")
+    schemes = {p: CODE2 if scheme == "w2code" else (4, 128, True) for p in projs}
     for mod in list(model.modules()):
         for leaf, child in list(mod.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(mod, leaf, QuantLinear(child.in_features, child.out_features, 4, 128, True, torch.bfloat16))
             elif isinstance(child, Experts):
                 e, i, h = child.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
-                new = Code2Experts(e, h, i) if scheme == "w2code" else QuantExperts(e, h, i, w4, torch.bfloat16)
-                setattr(mod, leaf, new)
+                setattr(mod, leaf, QuantExperts(e, h, i, schemes, torch.bfloat16))
 
 
 def randomize(model) -> None:
@@ -95,43 +95,6 @@ def randomize(model) -> None:
                 t.fill_(1.0)
             elif t.is_floating_point():
                 t.normal_(0, 0.02)
-
-
-class Code2Experts:  # placeholder so the name exists before torch is imported; replaced in _define()
-    pass
-
-
-def _define():
-    """Routed experts in the 2-bit code (issue 5's module does this for real checkpoints)."""
-    global Code2Experts
-    import torch
-    from torch import nn
-
-    from quantkit.kernels import dispatch
-    from quantkit.kernels.reference import Code2Weight
-    from quantkit.model.layers import Experts
-
-    class _Code2Experts(Experts):
-        backend = "torch"
-
-        def __init__(self, e, h, i):
-            nn.Module.__init__(self)
-            self.num_experts = e
-            for name, (n, k) in {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}.items():
-                for leaf, shape, dtype in (("quant_weight", (k // 4, n), torch.uint8), ("weight_scale", (-(-k // 128), n), torch.uint8),
-                                           ("super_scales", (n,), torch.bfloat16), ("code_scale", (n,), torch.float32),
-                                           ("code_zp", (n,), torch.float32)):
-                    self.register_buffer(f"{name}_{leaf}", torch.empty(e, *shape, dtype=dtype))
-
-        def weight(self, name):
-            return Code2Weight(*(getattr(self, f"{name}_{leaf}") for leaf in
-                                 ("quant_weight", "weight_scale", "super_scales", "code_scale", "code_zp")))
-
-        def forward(self, x, topk_ids, topk_weights):
-            ws = [self.weight(n) for n in ("gate_proj", "up_proj", "down_proj")]
-            return dispatch.fused_moe(x, topk_ids, topk_weights, *ws, self.backend)
-
-    Code2Experts = _Code2Experts
 
 
 class StaticCache:
@@ -241,7 +204,6 @@ def main() -> None:
     from quantkit.model.config import ErnieMoeConfig
     from quantkit.sources.random_models import ERNIE_21B_A3B, hf_config
 
-    _define()
     dims = dict(TINY) if args.tiny else dict(ERNIE_21B_A3B, num_hidden_layers=args.layers)
     cfg = ErnieMoeConfig.from_dict(hf_config(dims, "bfloat16"))
     steps, prompt = (2, 4) if args.tiny else (args.steps, args.prompt)
@@ -268,11 +230,7 @@ def main() -> None:
     print(gc.table(rows, [("scheme", "scheme", ""), ("batch", "batch", "d"), ("weight_bytes", "weights B", ".3g"),
                           ("eager_tok_s", "eager tok/s", ".1f"), ("graph_tok_s", "graph tok/s", ".1f"),
                           ("speedup_vs_bf16_eager", "best x bf16", ".2f")]))
-    if args.tiny and not args.json:
-        print("(--tiny: nothing written)")
-        return
-    name = f"decode_{info['device'].replace(' ', '_')}_{info['date'][:10]}.json"
-    print(f"wrote {gc.write_json(args.json, name, {'info': info, 'prompt': prompt, 'steps': steps, 'rows': rows})}")
+    gc.save(args, "decode", info, {"info": info, "prompt": prompt, "steps": steps, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -118,10 +118,11 @@ def int_weight(lead: tuple, n: int, k: int, device: str, bits: int = 4, group: i
 
 
 def code2_weight(lead: tuple, n: int, k: int, device: str):
+    from quantkit.format.wint2 import scale_rows
     from quantkit.kernels.reference import Code2Weight
 
     qw = torch.randint(0, 256, (*lead, k // 4, n), dtype=torch.uint8, device=device)
-    ws = torch.randint(0, 256, (*lead, -(-k // 128), n), dtype=torch.uint8, device=device)
+    ws = torch.randint(0, 256, (*lead, scale_rows(k), n), dtype=torch.uint8, device=device)
     sup = (0.002 * torch.rand(*lead, n, device=device) + 5e-4).to(torch.bfloat16)
     cs = torch.randint(1, 64 * 256, (*lead, n), device=device).float() / 256
     zp = torch.randint(0, 64 * 256, (*lead, n), device=device).float() / 256
@@ -140,6 +141,15 @@ def write_json(path: str | None, default_name: str, payload: dict) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2) + "\n")
     return out
+
+
+def save(args, kind: str, info: dict, payload: dict) -> None:
+    """Write ``payload`` to --json or to results/KIND_DEVICE_DATE.json; a --tiny run writes only with --json."""
+    if args.tiny and not args.json:
+        print("(--tiny: nothing written)")
+        return
+    name = f"{kind}_{info['device'].replace(' ', '_')}_{info['date'][:10]}.json"
+    print(f"wrote {write_json(args.json, name, payload)}")
 
 
 def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:

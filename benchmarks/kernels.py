@@ -182,11 +182,7 @@ def main() -> None:
             ("GBps", "GB/s", ".0f"), ("pct_copy", "%copy", ".0f"), ("speedup_vs_bf16", "x bf16", ".2f"), ("error", "error", "")]
     print(f"{info['device']}  torch {info['torch']}  triton {info['triton']}  copy {info['copy_GBps'] or 0:.0f} GB/s")
     print(gc.table(rows, cols))
-    if args.tiny and not args.json:
-        print("(--tiny: nothing written)")
-        return
-    name = f"kernels_{info['device'].replace(' ', '_')}_{info['date'][:10]}.json"
-    print(f"wrote {gc.write_json(args.json, name, {'info': info, 'rows': rows})}")
+    gc.save(args, "kernels", info, {"info": info, "rows": rows})
 
 
 if __name__ == "__main__":

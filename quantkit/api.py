@@ -13,7 +13,6 @@ from quantkit.model.loader import load_model
 from quantkit.sources import resolve
 from quantkit.tokenizer import Tokenizer
 
-BACKENDS = dispatch.BACKENDS
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "float32": torch.float32, "fp32": torch.float32}
 

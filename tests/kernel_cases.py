@@ -10,6 +10,7 @@ import torch
 pytest.importorskip("triton")
 
 from quantkit.format.compressed_tensors import pack_rows  # noqa: E402
+from quantkit.format.wint2 import scale_rows  # noqa: E402
 from quantkit.kernels import dispatch  # noqa: E402
 from quantkit.kernels.reference import Code2Weight, IntWeight  # noqa: E402
 
@@ -50,7 +51,7 @@ def random_int_weight(lead: tuple, n: int, k: int, bits: int, group: int | None,
 def random_code2_weight(lead: tuple, n: int, k: int, gen: torch.Generator, device=DEV) -> Code2Weight:
     """Random code bytes, nibbles and scales; code_scale / code_zp multiples of 2^-8 keeping v < 2^14 (exact)."""
     qw = torch.randint(0, 256, (*lead, k // 4, n), generator=gen, dtype=torch.uint8)
-    ws = torch.randint(0, 256, (*lead, -(-k // 128), n), generator=gen, dtype=torch.uint8)
+    ws = torch.randint(0, 256, (*lead, scale_rows(k), n), generator=gen, dtype=torch.uint8)
     if (k // 64) % 2:  # an odd trailing group leaves the low nibble 0, as the writer does
         ws[..., -1, :] &= 0xF0
     sup = (0.0005 + 0.002 * torch.rand(*lead, n, generator=gen)).to(torch.bfloat16)

@@ -6,6 +6,7 @@ import torch
 from kernel_cases import (DEV, TOL, code2_oracle, gpu, oracle_moe, poison, random_code2_weight,  # noqa: F401
                           random_int_weight, rel_err, uneven_routing)
 
+from quantkit.format import wint2
 from quantkit.kernels import fused_moe as fm
 from quantkit.kernels import reference
 from quantkit.kernels.code2 import code2_linear
@@ -58,7 +59,6 @@ def test_k_must_be_a_multiple_of_64():
 
 
 def test_oracle_is_the_issue5_decoder():
-    wint2 = pytest.importorskip("quantkit.format.wint2")
     gen = torch.Generator().manual_seed(1)
     for k in (64, 192, 256):
         w = random_code2_weight((2,), 24, k, gen)
@@ -67,7 +67,6 @@ def test_oracle_is_the_issue5_decoder():
 
 
 def test_twin_matches_kernel():
-    pytest.importorskip("quantkit.format.wint2")
     gen = torch.Generator().manual_seed(2)
     w = random_code2_weight((), 72, 192, gen)
     x = torch.randn(5, 192, generator=gen).to(DEV, BF16)
@@ -101,7 +100,6 @@ def test_fused_moe_code2_gate_up_with_int4_down():
 
 
 def test_fused_moe_code2_twin():
-    pytest.importorskip("quantkit.format.wint2")
     gen = torch.Generator().manual_seed(3)
     gate, up, down = code2_experts(4, 64, 64, gen)
     x = torch.randn(6, 64, generator=gen).to(DEV, BF16)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from quantkit.kernels.dense import Config, launch_linear
+from quantkit.format.wint2 import check_k
 from quantkit.kernels.reference import Code2Weight
 from quantkit.kernels.tiles import KIND_CODE2
 
@@ -26,8 +27,7 @@ def code2_args(w: Code2Weight) -> tuple[tuple, tuple]:
             raise ValueError("2-bit-code kernel tensors need a contiguous last dimension")
     if w.quant_weight.dtype != torch.uint8 or w.weight_scale.dtype != torch.uint8:
         raise ValueError("quant_weight and weight_scale must be uint8")
-    if w.k % 64:
-        raise ValueError(f"the 2-bit code needs K to be a multiple of 64, got K={w.k}")
+    check_k(w.k, "2-bit-code kernel")
     ptrs = (w.quant_weight, w.weight_scale, w.super_scales, w.code_scale, w.code_zp)
     return ptrs, (w.quant_weight.stride(-2), w.weight_scale.stride(-2), 0)
 

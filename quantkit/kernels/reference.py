@@ -57,18 +57,12 @@ Code2Weight = Code2Tensor
 Weight = IntWeight | Code2Weight
 
 
-def int_linear(x: torch.Tensor, w: IntWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [.., K] -> x @ W^T (+ bias) [.., N] in x's dtype."""
-    return F.linear(x, w.dequantize(x.dtype), bias)
-
-
-def code2_linear(x: torch.Tensor, w: Code2Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [.., K] -> x @ W (+ bias) [.., N] in x's dtype."""
-    return F.linear(x, w.dequantize(x.dtype), bias)
-
-
 def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return code2_linear(x, w, bias) if isinstance(w, Code2Weight) else int_linear(x, w, bias)
+    """x [.., K] -> x @ W^T (+ bias) [.., N] in x's dtype: dequantize, then matmul."""
+    return F.linear(x, w.dequantize(x.dtype), bias)
+
+
+int_linear = code2_linear = linear  # the twins of ``kernels.dense.int_linear`` and ``kernels.code2.code2_linear``
 
 
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
