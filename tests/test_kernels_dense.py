@@ -1,13 +1,15 @@
 """Dense int dequant-GEMM (Triton) against float64 products of the dequantized weights and against its torch
 twin; on CPU under Triton's interpreter (small shapes), on a GPU also at ERNIE-21B shapes (marker ``gpu``)."""
 
+import math
+
 import pytest
 import torch
 from kernel_cases import DEV, TOL, gpu, poison, random_int_weight, rel_err  # noqa: F401  (poison: autouse fixture)
 
 from quantkit.errors import UsageError
 from quantkit.kernels import dispatch, reference
-from quantkit.kernels.dense import Config, int_linear, pick_config, tile_k
+from quantkit.kernels.dense import Config, int_linear, pick_config
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
@@ -21,6 +23,7 @@ CASES = [
     (3, 40, 160, 8, 32, False, FP16),
     (1, 50, 96, 2, None, False, BF16),
     (16, 130, 128, 4, 32, False, FP16),
+    (3, 24, 96, 4, 48, True, BF16),  # a non-power-of-two group: 16-wide K tiles
 ]
 
 
@@ -65,12 +68,25 @@ def test_poisoned_buffers_are_nan():
 
 
 def test_decode_config_splits_k_to_fill_the_gpu():
-    cfg = pick_config(1, 2560, 2560, 128, torch.device("cpu"))
-    assert cfg.bm == 16 and cfg.split_k == 1  # 40 output tiles already exceed the 8 SMs assumed off-GPU
-    small = pick_config(1, 64, 2048, 128, torch.device("cpu"))
+    cfg = pick_config(1, 2560, 2560, 128, 8)
+    assert cfg.bm == 16 and cfg.split_k == 1  # 40 output tiles already exceed 8 SMs
+    h100 = pick_config(1, 2560, 2560, 128, 132)
+    assert h100.split_k > 1 and math.ceil(2560 / h100.bn) * h100.split_k <= 2 * 132  # about two programs per SM
+    small = pick_config(1, 64, 2048, 128, 8)
     assert small.split_k > 1 and small.bm == 16
-    assert pick_config(2048, 2560, 2560, 128, torch.device("cpu")).scale_in_tile
-    assert tile_k(128, 2560, 0) == 128 and tile_k(32, 2560, 0) == 32 and tile_k(100, 100, 0) == 128 and tile_k(8, 64, 0) == 0
+    assert pick_config(2048, 2560, 2560, 128, 8).scale_in_tile
+
+
+def test_k_tile_is_the_one_readability_rule():
+    gen = torch.Generator().manual_seed(5)
+
+    def tile(bits, group, k):
+        return dispatch.tile_k(random_int_weight((), 8, k, bits, group, False, gen))
+
+    assert (tile(4, 128, 2560), tile(4, 32, 2560), tile(8, None, 100), tile(4, 256, 512)) == (128, 32, 128, 128)
+    assert tile(4, 48, 96) == 16  # a non-power-of-two group with a 16-divisor: 16-wide tiles
+    assert (tile(4, 8, 64), tile(4, 24, 48), tile(3, 32, 64)) == (0, 0, 0)  # groups under 16 / no 16-divisor / 3-bit
+    assert dispatch.kernel_reads(random_int_weight((), 8, 96, 4, 48, False, gen))
 
 
 def test_unsupported_weights_take_the_torch_path():

@@ -37,4 +37,4 @@ def code2_linear(x: torch.Tensor, w: Code2Weight, bias: torch.Tensor | None = No
     if config is not None and config.bk != 64:
         raise ValueError("the 2-bit-code kernel works in 64-input tiles (bk=64)")
     ptrs, strides = code2_args(w)
-    return launch_linear(x, KIND_CODE2, ptrs, strides, w.n, w.k, w.k // 4, 64, 2, False, bias, config)
+    return launch_linear(x, KIND_CODE2, ptrs, strides, w.n, w.k, w.k // 4, 64, 2, False, 64, bias, config)

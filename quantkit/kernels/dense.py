@@ -15,6 +15,7 @@ why). One kernel covers both regimes; ``pick_config`` chooses its tiles from M:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ import triton.language as tl
 
 from quantkit.kernels import dispatch
 from quantkit.kernels.reference import IntWeight
-from quantkit.kernels.tiles import KIND_CODE2, KIND_INT, column_params, dot_in_f32, cast, tile_mma, weight_tile
+from quantkit.kernels.tiles import KIND_INT, column_params, dot_in_f32, cast, interpreted, tile_mma, weight_tile
 
 
 @dataclass(frozen=True)
@@ -68,27 +69,13 @@ def _linear_kernel(x_ptr, out_ptr, a_ptr, b_ptr, c_ptr, d_ptr, e_ptr, M, N, K, K
     tl.store(out, cast(acc, out_ptr.dtype.element_ty, INTERPRET), mask=m_mask[None, :] & n_mask[:, None])
 
 
-def _pow2_divisor(n: int, cap: int) -> int:
-    d = 1
-    while d * 2 <= cap and n % (d * 2) == 0:
-        d *= 2
-    return d
+INTERPRET = interpreted(_linear_kernel)  # how Triton built the kernel (TRITON_INTERPRET at import): its numerics
 
 
-def tile_k(group_size: int, k: int, kind: int, cap: int = 128) -> int:
-    """The K tile: the 2-bit code's 64-group; else the largest power of two <= cap dividing the group
-    (any, for one group per row); 0 when no tile of at least 16 fits (the caller falls back to torch)."""
-    if kind == KIND_CODE2:
-        return 64
-    if group_size == k:
-        return cap
-    bk = _pow2_divisor(group_size, cap)
-    return bk if bk >= 16 else 0
-
-
-def pick_config(m: int, n: int, k: int, bk: int, device: torch.device) -> Config:
-    """Tiles for an [M, K] x [N, K]^T product (defaults; the GPU benchmarks are where they get tuned)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+@functools.lru_cache(maxsize=4096)
+def pick_config(m: int, n: int, k: int, bk: int, sms: int) -> Config:
+    """Tiles for an [M, K] x [N, K]^T product on a GPU with ``sms`` SMs, ``bk`` the weight's K tile
+    (``dispatch.tile_k``). Defaults; the GPU benchmarks are where they get tuned."""
     if m <= 16:
         bm, bn, warps, stages, in_tile = 16, 64, 4, 4, False
     elif m <= 64:
@@ -103,8 +90,9 @@ def pick_config(m: int, n: int, k: int, bk: int, device: torch.device) -> Config
 
 
 def launch_linear(x: torch.Tensor, kind: int, ptrs: tuple, strides: tuple, n: int, k: int, kw: int, group_size: int,
-                  bits: int, asym: bool, bias: torch.Tensor | None, config: Config | None) -> torch.Tensor:
-    """x [.., K] -> [.., N] through ``_linear_kernel``; ptrs (a..e) and row strides (a..c) as in ``tiles``."""
+                  bits: int, asym: bool, bk: int, bias: torch.Tensor | None, config: Config | None) -> torch.Tensor:
+    """x [.., K] -> [.., N] through ``_linear_kernel``; ptrs (a..e) and row strides (a..c) as in ``tiles``,
+    ``bk`` the weight's K tile (``dispatch.tile_k``)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -112,8 +100,7 @@ def launch_linear(x: torch.Tensor, kind: int, ptrs: tuple, strides: tuple, n: in
     m = x2.shape[0]
     if m == 0:
         return x.new_zeros(*lead, n)
-    bk = tile_k(group_size, k, kind)
-    cfg = config or pick_config(m, n, k, bk, x.device)
+    cfg = config or pick_config(m, n, k, bk, dispatch.sm_count(x.device))
     grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), cfg.split_k)
     if cfg.split_k == 1:
         out = dispatch.empty((1, m, n), x.dtype, x.device)
@@ -121,8 +108,7 @@ def launch_linear(x: torch.Tensor, kind: int, ptrs: tuple, strides: tuple, n: in
         out = dispatch.empty((cfg.split_k, m, n), torch.float32, x.device)
     _linear_kernel[grid](x2, out, *ptrs, m, n, k, kw, group_size, x2.stride(0), out.stride(1), out.stride(0), *strides,
                          KIND=kind, BITS=bits, ASYM=asym, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SPLIT_K=cfg.split_k,
-                         SCALE_IN_TILE=cfg.scale_in_tile, DOT_F32=dot_in_f32(x.dtype, dispatch.interpreting()),
-                         INTERPRET=dispatch.interpreting(),
+                         SCALE_IN_TILE=cfg.scale_in_tile, DOT_F32=dot_in_f32(x.dtype, INTERPRET), INTERPRET=INTERPRET,
                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     y = out[0] if cfg.split_k == 1 else out.sum(0).to(x.dtype)
     if bias is not None:
@@ -139,17 +125,14 @@ def int_args(w: IntWeight) -> tuple[tuple, tuple]:
     return (w.packed, w.scale, zero, w.scale, w.scale), (w.packed.stride(-2), w.scale.stride(-2), zero.stride(-2))
 
 
-def supports_int(w: IntWeight) -> bool:
-    return w.bits in (2, 4, 8) and tile_k(w.group_size, w.k, KIND_INT) > 0
-
-
 def int_linear(x: torch.Tensor, w: IntWeight, bias: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
     """x [.., K] -> x @ W^T (+ bias) [.., N] in x's dtype; the twin is ``reference.int_linear``."""
-    if not supports_int(w):
-        raise ValueError(f"the int kernel reads 2/4/8-bit weights with power-of-two groups of >= 16, got "
+    bk = dispatch.tile_k(w)
+    if not bk:
+        raise ValueError(f"the int kernel reads 2/4/8-bit weights whose group has a power-of-two divisor >= 16, got "
                          f"{w.bits}-bit, group {w.group_size}")
     if config is not None and w.group_size != w.k and w.group_size % config.bk:
         raise ValueError(f"K tile {config.bk} straddles groups of {w.group_size}")
     ptrs, strides = int_args(w)
     return launch_linear(x, KIND_INT, ptrs, strides, w.n, w.k, w.packed.shape[-1], w.group_size, w.bits,
-                         w.zero is not None, bias, config)
+                         w.zero is not None, bk, bias, config)

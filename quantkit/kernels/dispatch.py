@@ -2,12 +2,14 @@
 
 ``auto`` is Triton on a CUDA device (when triton is installed) and torch elsewhere. ``triton`` on a machine
 without CUDA is allowed only under ``TRITON_INTERPRET=1`` (Triton's CPU interpreter: tests). Weights a kernel
-cannot read (3-bit fields straddle int32 words; groups under 16) take the torch path whatever the backend.
+cannot read (3-bit fields straddle int32 words; groups with no power-of-two divisor of at least 16) take the
+torch path whatever the backend: ``tile_k`` is the one place that decides.
 Modules opt in by declaring a class attribute ``backend = "torch"``; ``set_backend`` sets it.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -59,13 +61,35 @@ def set_backend(model: torch.nn.Module, backend: str) -> int:
     return count
 
 
-def kernel_reads(w) -> bool:
-    """Whether the Triton kernels read this weight (else the torch twin runs)."""
+def tile_k(w, cap: int = 128) -> int:
+    """The kernels' K tile for weight ``w`` (``reference.IntWeight`` / ``Code2Weight``), or 0 when they cannot
+    read it. A tile never straddles a scale group: the 2-bit code's 64-group; for int weights the largest
+    power of two <= ``cap`` dividing the group (``cap`` for one group per row), at least 16 (``tl.dot``)."""
     from quantkit.kernels import reference
 
     if isinstance(w, reference.Code2Weight):
-        return True
-    return w.bits in reference.KERNEL_BITS and w.group_size >= 16 and (w.group_size == w.k or (w.group_size & (w.group_size - 1)) == 0)
+        return 64
+    if w.bits not in reference.KERNEL_BITS:
+        return 0
+    if w.group_size == w.k:
+        return cap
+    bk = 1
+    while bk * 2 <= cap and w.group_size % (bk * 2) == 0:
+        bk *= 2
+    return bk if bk >= 16 else 0
+
+
+def kernel_reads(w) -> bool:
+    """Whether the Triton kernels read this weight (else the torch twin runs)."""
+    return tile_k(w) > 0
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (asked once per device); 8 stands in off-GPU (interpreter)."""
+    if device.type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def linear(x: torch.Tensor, w, bias: torch.Tensor | None, backend: str) -> torch.Tensor:

@@ -19,15 +19,17 @@ programs at decode).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from quantkit.kernels import dispatch
 from quantkit.kernels.code2 import code2_args
-from quantkit.kernels.dense import Config, int_args, tile_k
+from quantkit.kernels.dense import Config, int_args
 from quantkit.kernels.reference import Code2Weight, IntWeight
-from quantkit.kernels.tiles import KIND_CODE2, KIND_INT, column_params, dot_in_f32, cast, tile_mma, weight_tile
+from quantkit.kernels.tiles import KIND_CODE2, KIND_INT, column_params, dot_in_f32, cast, interpreted, tile_mma, weight_tile
 
 PAIR_BLOCK_TOKENS = 2  # up to this many tokens, every (token, expert) pair is its own block (no sort)
 
@@ -80,6 +82,9 @@ def _moe_kernel(x_ptr, out_ptr, rows_ptr, block_expert_ptr, rw_ptr,
     tl.store(out, cast(acc, out_ptr.dtype.element_ty, INTERPRET), mask=m_mask[None, :] & n_mask[:, None])
 
 
+INTERPRET = interpreted(_moe_kernel)
+
+
 def align(topk_ids: torch.Tensor, num_experts: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows int32 [blocks*bm], block_expert int32 [blocks]): pairs grouped by expert in blocks of ``bm``."""
     flat = topk_ids.reshape(-1).to(torch.int64)
@@ -112,6 +117,7 @@ def _weight_args(w) -> tuple[int, tuple, tuple, tuple, int, int, bool, int]:
     return KIND_INT, ptrs, tuple(t.stride(0) for t in ptrs), rs, w.packed.shape[-1], w.group_size, w.zero is not None, w.bits
 
 
+@functools.lru_cache(maxsize=4096)
 def moe_config(tokens: int, top_k: int, num_experts: int, n: int, bk: int) -> Config:
     """Block sizes from the average pairs per expert (defaults; tuned by the GPU benchmarks)."""
     avg = tokens * top_k / num_experts
@@ -132,13 +138,8 @@ def _launch(x, out, rows, block_expert, rw, first, second, top_k: int, gate_up: 
     _moe_kernel[grid](x, out, rows, block_expert, rw, *ptrs, *uptrs, n, k, kw, group, p, e, x.stride(0), out.stride(0),
                       *es, *rs, ROW_DIV=top_k if gate_up else 1, GATE_UP=gate_up, KIND=kind, BITS=bits, ASYM=asym,
                       BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SCALE_IN_TILE=cfg.scale_in_tile,
-                      DOT_F32=dot_in_f32(x.dtype, dispatch.interpreting()), INTERPRET=dispatch.interpreting(),
-                      num_warps=cfg.num_warps,
-                      num_stages=cfg.num_stages)
-
-
-def _bk(w) -> int:
-    return 64 if isinstance(w, Code2Weight) else tile_k(w.group_size, w.k, KIND_INT)
+                      DOT_F32=dot_in_f32(x.dtype, INTERPRET), INTERPRET=INTERPRET,
+                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate, up, down,
@@ -153,8 +154,11 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     if x.stride(-1) != 1:
         x = x.contiguous()
     inter, p = gate.n, t * top_k
-    cfg_up, cfg_down = configs or (moe_config(t, top_k, num_experts, 2 * inter, _bk(gate)),
-                                   moe_config(t, top_k, num_experts, hdim, _bk(down)))
+    if not all(dispatch.kernel_reads(w) for w in (gate, up, down)):
+        raise ValueError("the fused MoE kernels read 2/4/8-bit int weights (groups with a power-of-two divisor >= 16) "
+                         "and the 2-bit code")
+    cfg_up, cfg_down = configs or (moe_config(t, top_k, num_experts, 2 * inter, dispatch.tile_k(gate)),
+                                   moe_config(t, top_k, num_experts, hdim, dispatch.tile_k(down)))
     if cfg_up.bm != cfg_down.bm:
         raise ValueError("gate_up and down must use the same block of tokens (bm)")
     rows, block_expert = align(topk_ids, num_experts, cfg_up.bm)

@@ -127,3 +127,10 @@ def tile_mma(acc, q, s, xt, SCALE_IN_TILE: tl.constexpr, DOT_F32: tl.constexpr, 
 
 def dot_in_f32(dtype, interpreting: bool) -> bool:
     return interpreting or str(dtype) == "torch.float32"
+
+
+def interpreted(kernel) -> bool:
+    """Whether ``kernel`` runs in Triton's CPU interpreter (decided by TRITON_INTERPRET when it was defined)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(kernel, InterpretedFunction)

@@ -16,6 +16,17 @@ from quantkit.format import wint2
 from quantkit.quant.qtensor import Code2Tensor
 
 
+def kernel_view(module: nn.Module, key, tensors: tuple, build):
+    """``build(*tensors)`` memoized on ``module`` under ``key`` while ``tensors`` are the same objects (the views
+    the kernels take stay valid through in-place loads; ``module.to(...)`` replaces the buffers and a new view
+    is built). Saves rebuilding and re-checking the views on every forward of a decode step."""
+    cache = module.__dict__.setdefault("_kernel_views", {})
+    hit = cache.get(key)
+    if hit is None or len(hit[0]) != len(tensors) or any(a is not b for a, b in zip(hit[0], tensors)):
+        hit = cache[key] = (tensors, build(*tensors))
+    return hit[1]
+
+
 class Code2Stack(nn.Module):
     """The code of E stacked ``[K, N]`` weights (N outputs, K inputs)."""
 
@@ -27,8 +38,10 @@ class Code2Stack(nn.Module):
             self.register_buffer(spec.name[2:], torch.empty(num_experts, *spec.shape, dtype=spec.dtype))
 
     def kernel_weight(self, cols: slice = slice(None)) -> Code2Tensor:
-        """All experts' code for columns ``cols`` (views, no copy): what the kernels read."""
-        return Code2Tensor(*(getattr(self, leaf)[..., cols] for leaf in wint2.LEAVES))
+        """All experts' code for columns ``cols`` (views, no copy): what the kernels read. Built once per
+        column slice and set of buffers."""
+        return kernel_view(self, (cols.start, cols.stop, cols.step), tuple(map(self._buffers.get, wint2.LEAVES)),
+                           lambda *ts: Code2Tensor(*(t[..., cols] for t in ts)))
 
     def weight(self, dtype: torch.dtype, index: int, cols: slice = slice(None)) -> torch.Tensor:
         """Expert ``index``'s weight ``[N', K]`` (quantkit orientation) for columns ``cols`` of the stack."""

@@ -19,7 +19,7 @@ from quantkit.format.compressed_tensors import PACKED, SCALE, SHAPE, ZERO, packe
 from quantkit.kernels import dispatch
 from quantkit.kernels.reference import IntWeight
 from quantkit.model.layers import Experts
-from quantkit.nn.code2 import Code2Stack
+from quantkit.nn.code2 import Code2Stack, kernel_view
 from quantkit.quant.qtensor import QTensor
 
 CODE2 = "code2"  # a ``schemes`` value: the projection is stored in the 2-bit code (``nn/code2.py``)
@@ -55,9 +55,13 @@ class PackedWeight(nn.Module):
         return self.qtensor(index).dequantize(dtype)
 
     def kernel_weight(self) -> IntWeight:
-        """The buffers as the kernels take them (views, no copy)."""
-        return IntWeight(self.weight_packed, self.weight_scale, self.weight_zero_point, self.bits, self.group_size,
-                         self.n, self.k)
+        """The buffers as the kernels take them (views, no copy); built once per set of buffers (a move to
+        another device replaces them) instead of on every forward."""
+        b = self._buffers
+        return kernel_view(self, None, (b[PACKED], b[SCALE], b.get(ZERO)), self._build_kernel_weight)
+
+    def _build_kernel_weight(self, packed, scale, zero) -> IntWeight:
+        return IntWeight(packed, scale, zero, self.bits, self.group_size, self.n, self.k)
 
 
 class QuantLinear(PackedWeight):
