@@ -41,23 +41,52 @@ def column_params(c_ptr, d_ptr, e_ptr, offs_n, n_mask, KIND: tl.constexpr):
 
 
 @triton.jit
+def _field(words, shift: tl.constexpr, BITS: tl.constexpr):
+    return (words >> shift) & ((1 << BITS) - 1)  # arithmetic shift, then mask: the unsigned field
+
+
+@triton.jit
+def _fields4(words, base: tl.constexpr, step: tl.constexpr, BITS: tl.constexpr):
+    """The fields at bit offsets base + step * (0, 1, 2, 3), interleaved in that order along the last dim."""
+    even = tl.interleave(_field(words, base, BITS), _field(words, base + 2 * step, BITS))
+    odd = tl.interleave(_field(words, base + step, BITS), _field(words, base + 3 * step, BITS))
+    return tl.interleave(even, odd)
+
+
+@triton.jit
+def _fields8(words, base: tl.constexpr, step: tl.constexpr, BITS: tl.constexpr):
+    return tl.interleave(_fields4(words, base, 2 * step, BITS), _fields4(words, base + step, 2 * step, BITS))
+
+
+@triton.jit
+def unpack_fields(words, BITS: tl.constexpr):
+    """int32 words [R, W] -> their 32/BITS fields [R, W * 32/BITS], field j of word w at w * 32/BITS + j.
+
+    Built with ``tl.interleave`` so that a word's fields stay in the registers of the thread that loaded it (a
+    3-D broadcast + reshape lets the compiler spread them over threads instead, at a large register cost)."""
+    if BITS == 8:
+        return _fields4(words, 0, 8, BITS)
+    elif BITS == 4:
+        return _fields8(words, 0, 4, BITS)
+    else:
+        return tl.interleave(_fields8(words, 0, 4, BITS), _fields8(words, 2, 4, BITS))
+
+
+@triton.jit
 def int_tile(a_ptr, b_ptr, c_ptr, sra, srb, src, offs_n, n_mask, kt, KW, group_size,
              BITS: tl.constexpr, ASYM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """K-tile ``kt`` of a compressed-tensors int weight: (codes - zero) [BN, BK] in fp32 and scales [BN]."""
     PER: tl.constexpr = 32 // BITS
     BKW: tl.constexpr = BK // PER
-    MASK: tl.constexpr = (1 << BITS) - 1
     offs_kw = kt * BKW + tl.arange(0, BKW)
     words = tl.load(a_ptr + offs_n[:, None] * sra + offs_kw[None, :],
                     mask=n_mask[:, None] & (offs_kw[None, :] < KW), other=0)
-    shifts = tl.arange(0, PER) * BITS
-    q = (words[:, :, None] >> shifts[None, None, :]) & MASK  # arithmetic shift, then mask: the unsigned field
-    q = tl.reshape(q, (BN, BK))  # element kw*PER + j: the stream order along K
+    q = unpack_fields(words, BITS)  # [BN, BK]: field j of word kw at kw*PER + j, the stream order along K
     grp = (kt * BK) // group_size
     s = tl.load(b_ptr + offs_n * srb + grp, mask=n_mask, other=0.0).to(tl.float32)
     if ASYM:
         zw = tl.load(c_ptr + (offs_n // PER) * src + grp, mask=n_mask, other=0)
-        z = (zw >> ((offs_n % PER) * BITS)) & MASK  # zero points are packed the same way, along N
+        z = (zw >> ((offs_n % PER) * BITS)) & ((1 << BITS) - 1)  # zero points are packed the same way, along N
         q = q - z[:, None]
     else:
         q = q - (1 << (BITS - 1))
@@ -70,11 +99,14 @@ def code2_tile(a_ptr, b_ptr, sra, srb, offs_n, n_mask, kt, sup, cs, zp, BN: tl.c
     v = floor(c * code_scale + code_zp + 0.5); q_i = ((v >> (9 - 3i)) & 0x3F) - 32 is input 4r + i.
     Returns q [BN, 64] in fp32 and the tile's scale local * super [BN]."""
     offs_r = kt * 16 + tl.arange(0, 16)
-    c = tl.load(a_ptr + offs_r[None, :] * sra + offs_n[:, None], mask=n_mask[:, None], other=0)
+    c = tl.load(a_ptr + offs_r[None, :] * sra + offs_n[:, None], mask=n_mask[:, None], other=0)  # [BN, 16]
     v = tl.floor(c.to(tl.float32) * cs[:, None] + zp[:, None] + 0.5).to(tl.int32)  # one FMA on the GPU
-    shifts = 9 - 3 * tl.arange(0, 4)
-    q = ((v[:, :, None] >> shifts[None, None, :]) & 0x3F) - 32
-    q = tl.reshape(q, (BN, 64))  # element 4r + i
+    # The four windows of each byte stay in the thread that decoded it (interleave adds a register dimension;
+    # a 3-D broadcast + reshape instead spreads the byte's rows over threads, and every thread then holds the
+    # code_scale/code_zp of 32 columns: 255 registers for gate_up on sm_90).
+    a = tl.interleave((v >> 9) & 0x3F, (v >> 3) & 0x3F)  # windows 0 and 2 of byte r at 2r, 2r + 1
+    b = tl.interleave((v >> 6) & 0x3F, v & 0x3F)  # windows 1 and 3
+    q = tl.interleave(a, b) - 32  # [BN, 64]: window i of byte r at 4r + i
     packed = tl.load(b_ptr + (kt // 2) * srb + offs_n, mask=n_mask, other=0).to(tl.int32)
     local = (packed >> (4 * (1 - kt % 2))) & 0xF  # the even 64-group sits in the high nibble
     return q.to(tl.float32), local.to(tl.float32) * sup
