@@ -100,7 +100,7 @@ def code2_tile(a_ptr, b_ptr, sra, srb, offs_n, n_mask, kt, sup, cs, zp, BN: tl.c
     Returns q [BN, 64] in fp32 and the tile's scale local * super [BN]."""
     offs_r = kt * 16 + tl.arange(0, 16)
     c = tl.load(a_ptr + offs_r[None, :] * sra + offs_n[:, None], mask=n_mask[:, None], other=0)  # [BN, 16]
-    v = tl.floor(c.to(tl.float32) * cs[:, None] + zp[:, None] + 0.5).to(tl.int32)  # one FMA on the GPU
+    v = tl.floor(tl.fma(c.to(tl.float32), cs[:, None], zp[:, None]) + 0.5).to(tl.int32)  # FastDeploy's FMA
     # The four windows of each byte stay in the thread that decoded it (interleave adds a register dimension;
     # a 3-D broadcast + reshape instead spreads the byte's rows over threads, and every thread then holds the
     # code_scale/code_zp of 32 columns: 255 registers for gate_up on sm_90).
