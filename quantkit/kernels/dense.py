@@ -24,7 +24,7 @@ import triton.language as tl
 
 from quantkit.kernels import dispatch
 from quantkit.kernels.reference import IntWeight
-from quantkit.kernels.tiles import KIND_INT, column_params, dot_in_f32, cast, interpreted, tile_mma, weight_tile
+from quantkit.kernels.tiles import KIND_INT, column_params, dot_in_f32, cast, interpreted, tile_codes, tile_mma, tile_params
 
 
 @dataclass(frozen=True)
@@ -58,9 +58,13 @@ def _linear_kernel(x_ptr, out_ptr, a_ptr, b_ptr, c_ptr, d_ptr, e_ptr, M, N, K, K
     kt1 = tl.minimum(kt0 + per_split, k_tiles)
     sup, cs, zp = column_params(c_ptr, d_ptr, e_ptr, offs_n, n_mask, KIND)
     acc = tl.zeros((BN, BM), dtype=tl.float32)
+    s_next, z_next = tile_params(b_ptr, c_ptr, srb, src, offs_n, n_mask, tl.minimum(kt0, k_tiles - 1), group_size,
+                                 sup, KIND, BITS, ASYM, BK)
     for kt in range(kt0, kt1):
-        q, s = weight_tile(a_ptr, b_ptr, c_ptr, sra, srb, src, offs_n, n_mask, kt, KW, group_size, sup, cs, zp,
-                           KIND, BITS, ASYM, BN, BK)
+        s, z = s_next, z_next  # loaded an iteration ago; now the next tile's, while this one is decoded
+        s_next, z_next = tile_params(b_ptr, c_ptr, srb, src, offs_n, n_mask, tl.minimum(kt + 1, k_tiles - 1),
+                                     group_size, sup, KIND, BITS, ASYM, BK)
+        q = tile_codes(a_ptr, sra, offs_n, n_mask, kt, KW, cs, zp, z, KIND, BITS, BN, BK)
         offs_k = kt * BK + tl.arange(0, BK)
         xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
                      mask=m_mask[None, :] & (offs_k[:, None] < K), other=0.0)

@@ -29,7 +29,7 @@ from quantkit.kernels import dispatch
 from quantkit.kernels.code2 import code2_args
 from quantkit.kernels.dense import Config, int_args
 from quantkit.kernels.reference import Code2Weight, IntWeight
-from quantkit.kernels.tiles import KIND_CODE2, KIND_INT, column_params, dot_in_f32, cast, interpreted, tile_mma, weight_tile
+from quantkit.kernels.tiles import KIND_CODE2, KIND_INT, column_params, dot_in_f32, cast, interpreted, tile_codes, tile_mma, tile_params
 
 PAIR_BLOCK_TOKENS = 2  # up to this many tokens, every (token, expert) pair is its own block (no sort)
 
@@ -63,17 +63,25 @@ def _moe_kernel(x_ptr, out_ptr, rows_ptr, block_expert_ptr, rw_ptr,
         ua, ub, uc, ud, ue = ua + e * sea, ub + e * seb, uc + e * sec, ud + e * sed, ue + e * see
         u_sup, u_cs, u_zp = column_params(uc, ud, ue, offs_n, n_mask, KIND)
         acc_up = tl.zeros((BN, BM), dtype=tl.float32)
-    for kt in range(0, tl.cdiv(K, BK)):
+    k_tiles = tl.cdiv(K, BK)
+    gs_next, gz_next = tile_params(gb, gc, srb, src, offs_n, n_mask, 0, group_size, g_sup, KIND, BITS, ASYM, BK)
+    if GATE_UP:
+        us_next, uz_next = tile_params(ub, uc, srb, src, offs_n, n_mask, 0, group_size, u_sup, KIND, BITS, ASYM, BK)
+    for kt in range(0, k_tiles):
+        nxt = tl.minimum(kt + 1, k_tiles - 1)  # scales are loaded one tile ahead (see tiles.tile_params)
+        gs, gz = gs_next, gz_next
+        gs_next, gz_next = tile_params(gb, gc, srb, src, offs_n, n_mask, nxt, group_size, g_sup, KIND, BITS, ASYM, BK)
         offs_k = kt * BK + tl.arange(0, BK)
         xt = tl.load(x_ptr + x_rows[None, :] * stride_xm + offs_k[:, None],
                      mask=m_mask[None, :] & (offs_k[:, None] < K), other=0.0)
-        q, s = weight_tile(ga, gb, gc, sra, srb, src, offs_n, n_mask, kt, KW, group_size, g_sup, g_cs, g_zp,
-                           KIND, BITS, ASYM, BN, BK)
-        acc = tile_mma(acc, q, s, xt, SCALE_IN_TILE, DOT_F32, INTERPRET)
+        q = tile_codes(ga, sra, offs_n, n_mask, kt, KW, g_cs, g_zp, gz, KIND, BITS, BN, BK)
+        acc = tile_mma(acc, q, gs, xt, SCALE_IN_TILE, DOT_F32, INTERPRET)
         if GATE_UP:
-            q, s = weight_tile(ua, ub, uc, sra, srb, src, offs_n, n_mask, kt, KW, group_size, u_sup, u_cs, u_zp,
-                               KIND, BITS, ASYM, BN, BK)
-            acc_up = tile_mma(acc_up, q, s, xt, SCALE_IN_TILE, DOT_F32, INTERPRET)
+            us, uz = us_next, uz_next
+            us_next, uz_next = tile_params(ub, uc, srb, src, offs_n, n_mask, nxt, group_size, u_sup, KIND, BITS,
+                                           ASYM, BK)
+            q = tile_codes(ua, sra, offs_n, n_mask, kt, KW, u_cs, u_zp, uz, KIND, BITS, BN, BK)
+            acc_up = tile_mma(acc_up, q, us, xt, SCALE_IN_TILE, DOT_F32, INTERPRET)
     if GATE_UP:
         acc = acc * tl.sigmoid(acc) * acc_up
     else:

@@ -12,9 +12,10 @@ A weight is passed as five pointers and three row strides whose meaning depends 
     KIND_CODE2 a: quant_weight uint8 [K/4, N]   b: weight_scale uint8 [ceil(K/128), N]
                c: super_scales [N]   d: code_scale fp32 [N]   e: code_zp fp32 [N]
 
-The last dimension of every tensor is contiguous. A tile comes back as exact integers in fp32 (codes minus
-zero point, or the 2-bit code's windows) plus a per-row scale for the whole tile: a tile never straddles a
-scale group (``BK`` divides the group size, or the weight has one group per row).
+The last dimension of every tensor is contiguous. A K-tile is ``tile_codes``: exact integers in fp32 (codes
+minus zero point, or the 2-bit code's windows), with ``tile_params``: a per-row scale (and zero point) for the
+whole tile, which the kernels load one tile ahead. A tile never straddles a scale group (``BK`` divides the
+group size, or the weight has one group per row).
 """
 
 from __future__ import annotations
@@ -73,53 +74,52 @@ def unpack_fields(words, BITS: tl.constexpr):
 
 
 @triton.jit
-def int_tile(a_ptr, b_ptr, c_ptr, sra, srb, src, offs_n, n_mask, kt, KW, group_size,
-             BITS: tl.constexpr, ASYM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """K-tile ``kt`` of a compressed-tensors int weight: (codes - zero) [BN, BK] in fp32 and scales [BN]."""
-    PER: tl.constexpr = 32 // BITS
-    BKW: tl.constexpr = BK // PER
-    offs_kw = kt * BKW + tl.arange(0, BKW)
-    words = tl.load(a_ptr + offs_n[:, None] * sra + offs_kw[None, :],
-                    mask=n_mask[:, None] & (offs_kw[None, :] < KW), other=0)
-    q = unpack_fields(words, BITS)  # [BN, BK]: field j of word kw at kw*PER + j, the stream order along K
-    grp = (kt * BK) // group_size
-    s = tl.load(b_ptr + offs_n * srb + grp, mask=n_mask, other=0.0).to(tl.float32)
-    if ASYM:
-        zw = tl.load(c_ptr + (offs_n // PER) * src + grp, mask=n_mask, other=0)
-        z = (zw >> ((offs_n % PER) * BITS)) & ((1 << BITS) - 1)  # zero points are packed the same way, along N
-        q = q - z[:, None]
-    else:
-        q = q - (1 << (BITS - 1))
-    return q.to(tl.float32), s
-
-
-@triton.jit
-def code2_tile(a_ptr, b_ptr, sra, srb, offs_n, n_mask, kt, sup, cs, zp, BN: tl.constexpr):
-    """64-input tile ``kt`` of a 2-bit-code weight, decoded in registers (no lookup table):
-    v = floor(c * code_scale + code_zp + 0.5); q_i = ((v >> (9 - 3i)) & 0x3F) - 32 is input 4r + i.
-    Returns q [BN, 64] in fp32 and the tile's scale local * super [BN]."""
-    offs_r = kt * 16 + tl.arange(0, 16)
-    c = tl.load(a_ptr + offs_r[None, :] * sra + offs_n[:, None], mask=n_mask[:, None], other=0)  # [BN, 16]
-    v = tl.floor(tl.fma(c.to(tl.float32), cs[:, None], zp[:, None]) + 0.5).to(tl.int32)  # FastDeploy's FMA
-    # The four windows of each byte stay in the thread that decoded it (interleave adds a register dimension;
-    # a 3-D broadcast + reshape instead spreads the byte's rows over threads, and every thread then holds the
-    # code_scale/code_zp of 32 columns: 255 registers for gate_up on sm_90).
-    a = tl.interleave((v >> 9) & 0x3F, (v >> 3) & 0x3F)  # windows 0 and 2 of byte r at 2r, 2r + 1
-    b = tl.interleave((v >> 6) & 0x3F, v & 0x3F)  # windows 1 and 3
-    q = tl.interleave(a, b) - 32  # [BN, 64]: window i of byte r at 4r + i
-    packed = tl.load(b_ptr + (kt // 2) * srb + offs_n, mask=n_mask, other=0).to(tl.int32)
-    local = (packed >> (4 * (1 - kt % 2))) & 0xF  # the even 64-group sits in the high nibble
-    return q.to(tl.float32), local.to(tl.float32) * sup
-
-
-@triton.jit
-def weight_tile(a_ptr, b_ptr, c_ptr, sra, srb, src, offs_n, n_mask, kt, KW, group_size, sup, cs, zp,
-                KIND: tl.constexpr, BITS: tl.constexpr, ASYM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def tile_params(b_ptr, c_ptr, srb, src, offs_n, n_mask, kt, group_size, sup,
+                KIND: tl.constexpr, BITS: tl.constexpr, ASYM: tl.constexpr, BK: tl.constexpr):
+    """(scale fp32 [BN], zero point int32 [BN]) of K-tile ``kt``: the int weight's group scale and zero point
+    (2^(b-1) when symmetric), or the 2-bit code's local * super scale (zero unused). These are a few bytes
+    per row, too small and scattered for Triton's pipeliner to stage in shared memory, so the kernels load
+    them one tile ahead (``prefetch``) instead of waiting on them in every iteration."""
     if KIND == 1:
-        q, s = code2_tile(a_ptr, b_ptr, sra, srb, offs_n, n_mask, kt, sup, cs, zp, BN)
+        packed = tl.load(b_ptr + (kt // 2) * srb + offs_n, mask=n_mask, other=0).to(tl.int32)
+        local = (packed >> (4 * (1 - kt % 2))) & 0xF  # the even 64-group sits in the high nibble
+        return local.to(tl.float32) * sup, offs_n * 0
     else:
-        q, s = int_tile(a_ptr, b_ptr, c_ptr, sra, srb, src, offs_n, n_mask, kt, KW, group_size, BITS, ASYM, BN, BK)
-    return q, s
+        PER: tl.constexpr = 32 // BITS
+        grp = (kt * BK) // group_size
+        s = tl.load(b_ptr + offs_n * srb + grp, mask=n_mask, other=0.0).to(tl.float32)
+        if ASYM:
+            zw = tl.load(c_ptr + (offs_n // PER) * src + grp, mask=n_mask, other=0)
+            z = (zw >> ((offs_n % PER) * BITS)) & ((1 << BITS) - 1)  # zero points are packed like codes, along N
+        else:
+            z = offs_n * 0 + (1 << (BITS - 1))
+        return s, z
+
+
+@triton.jit
+def tile_codes(a_ptr, sra, offs_n, n_mask, kt, KW, cs, zp, z,
+               KIND: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """K-tile ``kt`` of the weight as exact integers in fp32 [BN, BK]: int codes minus the zero point ``z``,
+    or the 2-bit code decoded in registers (no lookup table): v = floor(fma(c, code_scale, code_zp) + 0.5),
+    q_i = ((v >> (9 - 3i)) & 0x3F) - 32 is input 4r + i."""
+    if KIND == 1:
+        offs_r = kt * 16 + tl.arange(0, 16)
+        c = tl.load(a_ptr + offs_r[None, :] * sra + offs_n[:, None], mask=n_mask[:, None], other=0)  # [BN, 16]
+        v = tl.floor(tl.fma(c.to(tl.float32), cs[:, None], zp[:, None]) + 0.5).to(tl.int32)  # FastDeploy's FMA
+        # The four windows of a byte stay in the thread that decoded it (interleave adds a register dimension;
+        # a 3-D broadcast + reshape instead spreads the byte's rows over threads, and every thread then holds
+        # the code_scale/code_zp of 32 columns: 255 registers for gate_up on sm_90).
+        a = tl.interleave((v >> 9) & 0x3F, (v >> 3) & 0x3F)  # windows 0 and 2 of byte r at 2r, 2r + 1
+        b = tl.interleave((v >> 6) & 0x3F, v & 0x3F)  # windows 1 and 3
+        q = tl.interleave(a, b) - 32  # [BN, 64]: window i of byte r at 4r + i
+    else:
+        PER: tl.constexpr = 32 // BITS
+        BKW: tl.constexpr = BK // PER
+        offs_kw = kt * BKW + tl.arange(0, BKW)
+        words = tl.load(a_ptr + offs_n[:, None] * sra + offs_kw[None, :],
+                        mask=n_mask[:, None] & (offs_kw[None, :] < KW), other=0)
+        q = unpack_fields(words, BITS) - z[:, None]  # field j of word kw at kw*PER + j: the stream order along K
+    return q.to(tl.float32)
 
 
 @triton.jit
