@@ -129,6 +129,12 @@ def code2_weight(lead: tuple, n: int, k: int, device: str):
     return Code2Weight(qw, ws, sup, cs, zp)
 
 
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out - ref‖ / ‖ref‖ in fp64."""
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
 def weight_bytes(w) -> int:
     """Bytes a kernel reads for a weight (all its tensors), or a dense tensor's."""
     if isinstance(w, torch.Tensor):

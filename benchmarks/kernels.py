@@ -7,8 +7,10 @@ the 2-bit code, at tokens per step M in {1, 4, 16, 64, 256, 2048}.
 Dense rows: q/k/v/o projections and the shared experts' gate/up and down, ``F.linear`` with bf16 weights vs
 the Triton W4 g128 (symmetric) and 2-bit-code kernels. MoE rows: router + 64 experts top-6 (random router
 weights: random routing) + shared experts; bf16 = quantkit's torch path (a loop over the experts that got
-tokens; it syncs on their counts, so it cannot be graph-captured), W4 / W2-code = the fused Triton MoE with the
-shared experts in W4, eager and replayed from a CUDA graph. Times: median µs (``do_bench``, L2 flushed,
+tokens; it syncs on their counts, so it cannot be graph-captured); bf16-grouped = the same layer with one
+``torch._grouped_mm`` per projection and no host sync, eager and replayed from a CUDA graph (the strongest
+bf16 baseline torch offers: "x grouped" is the speedup over its graph); W4 / W2-code = the fused Triton MoE
+with the shared experts in W4, eager and replayed from a CUDA graph. Times: median µs (``do_bench``, L2 flushed,
 inputs rotated); GB/s counts every byte a call must read (weights with scales, the experts actually routed
 to, activations) plus its output; % of the measured device-to-device copy bandwidth. Random codes and
 scales: the speed of these kernels does not depend on the values.
@@ -94,6 +96,27 @@ def anchor_methods(n: int, k: int, device: str) -> dict:
     return {"torchao-int4": (torchao_int4, lambda x, mod: mod(x)), "gemlite-w4": (gemlite_w4, lambda x, mod: mod(x))}
 
 
+def grouped_moe_bf16(x, ids, weights, experts):
+    """The bf16 MoE in torch without a host sync (so a CUDA graph can hold it): (token, expert) pairs sorted by
+    expert, one ``torch._grouped_mm`` per projection over all E experts' weights (experts without pairs are
+    skipped by the grouped GEMM), weighted and summed back per token."""
+    import torch
+    import torch.nn.functional as F
+
+    k, e = ids.shape[1], experts.num_experts
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(e, dtype=torch.int32, device=x.device).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offs = counts.cumsum(0, dtype=torch.int32)
+    tok = order // k
+    xs = x[tok]
+    gate = torch._grouped_mm(xs, experts.gate_proj.transpose(-2, -1), offs=offs)
+    up = torch._grouped_mm(xs, experts.up_proj.transpose(-2, -1), offs=offs)
+    y = torch._grouped_mm(F.silu(gate) * up, experts.down_proj.transpose(-2, -1), offs=offs)
+    y = y * weights.reshape(-1)[order, None].to(y.dtype)
+    return torch.zeros_like(x).index_add_(0, tok, y)
+
+
 def moe_rows(device: str, ms: list[int], dims: dict) -> list[dict]:
     import torch
     import torch.nn.functional as F
@@ -125,30 +148,42 @@ def moe_rows(device: str, ms: list[int], dims: dict) -> list[dict]:
         ids, w = route(x, router, bias, top_k, 1e-12)
         return experts(x, ids, w) + mlp(x)
 
+    def layer_grouped(x):
+        ids, w = route(x, router, bias, top_k, 1e-12)
+        return grouped_moe_bf16(x, ids, w, experts) + mlp(x)
+
     def layer_q(x, ws):
         ids, w = route(x, router, bias, top_k, 1e-12)
         return fused_moe(x, ids, w, *ws) + shared_q(x)
 
-    per_expert = {"bf16": 3 * hdim * inter * 2, **{k: sum(gc.weight_bytes(w) for w in ws) // e for k, ws in quant.items()}}
+    check = torch.randn(3, hdim, device=device).to(bf)  # the grouped baseline computes the same layer as the loop
+    if (err := gc.rel_err(layer_grouped(check), layer_bf16(check))) > 2e-2:
+        raise SystemExit(f"error: the grouped bf16 MoE differs from the loop (relative error {err:.3g})")
+
+    per_expert = {"bf16": 3 * hdim * inter * 2, "bf16-grouped": 3 * hdim * inter * 2, **{k: sum(gc.weight_bytes(w) for w in ws) // e for k, ws in quant.items()}}
     fixed = {"bf16": router.nbytes + sum(p.nbytes for p in mlp.parameters()),
+             "bf16-grouped": router.nbytes + sum(p.nbytes for p in mlp.parameters()),
              **{k: router.nbytes + sum(gc.weight_bytes(w) for w in s4) for k in quant}}
     rows = []
     for m in ms:
         xs = [torch.randn(m, hdim, device=device).to(bf) for _ in range(8 if device == "cuda" else 2)]
         distinct = sum(route(x, router, bias, top_k, 1e-12)[0].unique().numel() for x in xs) / len(xs)
         act = 2 * m * hdim * 2
-        variants = [("bf16", "eager", [lambda x=x: layer_bf16(x) for x in xs])]
+        variants = [("bf16", "eager", [lambda x=x: layer_bf16(x) for x in xs]),
+                    ("bf16-grouped", "eager", [lambda x=x: layer_grouped(x) for x in xs]),
+                    ("bf16-grouped", "graph", [gc.graphed(lambda x=x: layer_grouped(x), device) for x in xs])]
         for name, ws in quant.items():
             variants.append((name, "eager", [lambda x=x, ws=ws: layer_q(x, ws) for x in xs]))
             variants.append((name, "graph", [gc.graphed(lambda x=x, ws=ws: layer_q(x, ws), device) for x in xs]))
-        base = None
+        times = {}
         for method, mode, fns in variants:
             us = gc.timed_us(fns, device)
+            times[method, mode] = us
             nbytes = fixed[method] + distinct * per_expert[method] + act
-            base = us if method == "bf16" else base
             rows.append({"kind": "moe", "shape": f"E{e} top{top_k} H{hdim} I{inter}", "m": m, "method": method,
                          "mode": mode, "us": us, "distinct_experts": distinct, "bytes": nbytes,
-                         "GBps": nbytes / us / 1e3, "speedup_vs_bf16": base / us})
+                         "GBps": nbytes / us / 1e3, "speedup_vs_bf16": times["bf16", "eager"] / us,
+                         "speedup_vs_grouped": times["bf16-grouped", "graph"] / us if ("bf16-grouped", "graph") in times else None})
     return rows
 
 
@@ -179,7 +214,8 @@ def main() -> None:
         if bw and "GBps" in r:
             r["pct_copy"] = 100 * r["GBps"] * 1e9 / bw
     cols = [("shape", "shape", ""), ("m", "M", "d"), ("method", "method", ""), ("mode", "mode", ""), ("us", "µs", ".1f"),
-            ("GBps", "GB/s", ".0f"), ("pct_copy", "%copy", ".0f"), ("speedup_vs_bf16", "x bf16", ".2f"), ("error", "error", "")]
+            ("GBps", "GB/s", ".0f"), ("pct_copy", "%copy", ".0f"), ("speedup_vs_bf16", "x bf16", ".2f"),
+            ("speedup_vs_grouped", "x grouped", ".2f"), ("error", "error", "")]
     print(f"{info['device']}  torch {info['torch']}  triton {info['triton']}  copy {info['copy_GBps'] or 0:.0f} GB/s")
     print(gc.table(rows, cols))
     gc.save(args, "kernels", info, {"info": info, "rows": rows})
