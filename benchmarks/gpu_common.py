@@ -129,6 +129,26 @@ def code2_weight(lead: tuple, n: int, k: int, device: str):
     return Code2Weight(qw, ws, sup, cs, zp)
 
 
+def grouped_moe_bf16(x, ids, weights, experts):
+    """The bf16 MoE in torch without a host sync (so a CUDA graph can hold it): (token, expert) pairs sorted by
+    expert, one ``torch._grouped_mm`` per projection over all E experts' weights (experts without pairs are
+    skipped by the grouped GEMM), weighted and summed back per token."""
+    import torch.nn.functional as F
+
+    k, e = ids.shape[1], experts.num_experts
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(e, dtype=torch.int32, device=x.device).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offs = counts.cumsum(0, dtype=torch.int32)
+    tok = order // k
+    xs = x[tok]
+    gate = torch._grouped_mm(xs, experts.gate_proj.transpose(-2, -1), offs=offs)
+    up = torch._grouped_mm(xs, experts.up_proj.transpose(-2, -1), offs=offs)
+    y = torch._grouped_mm(F.silu(gate) * up, experts.down_proj.transpose(-2, -1), offs=offs)
+    y = y * weights.reshape(-1)[order, None].to(y.dtype)
+    return torch.zeros_like(x).index_add_(0, tok, y)
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out - ref‖ / ‖ref‖ in fp64."""
     out, ref = out.double(), ref.double()
@@ -165,3 +185,8 @@ def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [head] + body]
     return "\n".join(lines)
+
+
+def grouped_moe_bf16_module(experts, x, topk_ids, topk_weights):
+    """``Experts.forward`` replacement (bind with types.MethodType) computing ``grouped_moe_bf16``."""
+    return grouped_moe_bf16(x, topk_ids, topk_weights, experts)

@@ -96,27 +96,6 @@ def anchor_methods(n: int, k: int, device: str) -> dict:
     return {"torchao-int4": (torchao_int4, lambda x, mod: mod(x)), "gemlite-w4": (gemlite_w4, lambda x, mod: mod(x))}
 
 
-def grouped_moe_bf16(x, ids, weights, experts):
-    """The bf16 MoE in torch without a host sync (so a CUDA graph can hold it): (token, expert) pairs sorted by
-    expert, one ``torch._grouped_mm`` per projection over all E experts' weights (experts without pairs are
-    skipped by the grouped GEMM), weighted and summed back per token."""
-    import torch
-    import torch.nn.functional as F
-
-    k, e = ids.shape[1], experts.num_experts
-    flat = ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.zeros(e, dtype=torch.int32, device=x.device).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-    offs = counts.cumsum(0, dtype=torch.int32)
-    tok = order // k
-    xs = x[tok]
-    gate = torch._grouped_mm(xs, experts.gate_proj.transpose(-2, -1), offs=offs)
-    up = torch._grouped_mm(xs, experts.up_proj.transpose(-2, -1), offs=offs)
-    y = torch._grouped_mm(F.silu(gate) * up, experts.down_proj.transpose(-2, -1), offs=offs)
-    y = y * weights.reshape(-1)[order, None].to(y.dtype)
-    return torch.zeros_like(x).index_add_(0, tok, y)
-
-
 def moe_rows(device: str, ms: list[int], dims: dict) -> list[dict]:
     import torch
     import torch.nn.functional as F
@@ -150,7 +129,7 @@ def moe_rows(device: str, ms: list[int], dims: dict) -> list[dict]:
 
     def layer_grouped(x):
         ids, w = route(x, router, bias, top_k, 1e-12)
-        return grouped_moe_bf16(x, ids, w, experts) + mlp(x)
+        return gc.grouped_moe_bf16(x, ids, w, experts) + mlp(x)
 
     def layer_q(x, ws):
         ids, w = route(x, router, bias, top_k, 1e-12)
