@@ -154,15 +154,17 @@ def moe_rows(device: str, ms: list[int], dims: dict) -> list[dict]:
         for name, ws in quant.items():
             variants.append((name, "eager", [lambda x=x, ws=ws: layer_q(x, ws) for x in xs]))
             variants.append((name, "graph", [gc.graphed(lambda x=x, ws=ws: layer_q(x, ws), device) for x in xs]))
-        times = {}
+        batch = []
         for method, mode, fns in variants:
             us = gc.timed_us(fns, device)
-            times[method, mode] = us
             nbytes = fixed[method] + distinct * per_expert[method] + act
-            rows.append({"kind": "moe", "shape": f"E{e} top{top_k} H{hdim} I{inter}", "m": m, "method": method,
-                         "mode": mode, "us": us, "distinct_experts": distinct, "bytes": nbytes,
-                         "GBps": nbytes / us / 1e3, "speedup_vs_bf16": times["bf16", "eager"] / us,
-                         "speedup_vs_grouped": times["bf16-grouped", "graph"] / us if ("bf16-grouped", "graph") in times else None})
+            batch.append({"kind": "moe", "shape": f"E{e} top{top_k} H{hdim} I{inter}", "m": m, "method": method,
+                          "mode": mode, "us": us, "distinct_experts": distinct, "bytes": nbytes, "GBps": nbytes / us / 1e3})
+        times = {(r["method"], r["mode"]): r["us"] for r in batch}
+        for r in batch:
+            r["speedup_vs_bf16"] = times["bf16", "eager"] / r["us"]
+            r["speedup_vs_grouped"] = times["bf16-grouped", "graph"] / r["us"]
+        rows += batch
     return rows
 
 

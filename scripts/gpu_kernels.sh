@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a CUDA machine: the kernel tests (small shapes compiled, plus the full-shape `gpu` ones), then the kernel and
 # decode benchmarks. Results go to benchmarks/results/ (named by device and date) and, when $OUT is set, to $OUT.
-#   bash scripts/gpu_kernels.sh [tests|kernels|decode|all]      (default all; each part fits in a few minutes)
+#   bash scripts/gpu_kernels.sh [tests|kernels|decode|tune|all]   (default all = tests, kernels, decode; each part
+#   fits in a few minutes; tune sweeps tile configs for retuning the defaults)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -20,4 +21,9 @@ fi
 if [[ $part == decode || $part == all ]]; then
   "$PY" benchmarks/decode.py 2>&1 | tee "$LOG/decode_table.txt"
 fi
-if [[ -n ${OUT:-} ]]; then cp benchmarks/results/kernels_*.json benchmarks/results/decode_*.json "$OUT"/ 2>/dev/null || true; fi
+if [[ $part == tune ]]; then
+  "$PY" benchmarks/tune.py 2>&1 | tee "$LOG/tune_table.txt"
+fi
+if [[ -n ${OUT:-} ]]; then
+  cp benchmarks/results/kernels_*.json benchmarks/results/decode_*.json benchmarks/results/tune_*.json "$OUT"/ 2>/dev/null || true
+fi
