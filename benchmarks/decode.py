@@ -227,6 +227,7 @@ def main() -> None:
             del model
             if device == "cuda":
                 torch.cuda.empty_cache()
+
     def best(r):
         return max(v for v in (r["eager_tok_s"], r["graph_tok_s"]) if v is not None)
 

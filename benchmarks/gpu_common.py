@@ -149,6 +149,11 @@ def grouped_moe_bf16(x, ids, weights, experts):
     return torch.zeros_like(x).index_add_(0, tok, y)
 
 
+def grouped_moe_bf16_module(experts, x, topk_ids, topk_weights):
+    """``Experts.forward`` replacement (bind with types.MethodType) computing ``grouped_moe_bf16``."""
+    return grouped_moe_bf16(x, topk_ids, topk_weights, experts)
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out - ref‖ / ‖ref‖ in fp64."""
     out, ref = out.double(), ref.double()
@@ -186,7 +191,3 @@ def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     lines = ["  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [head] + body]
     return "\n".join(lines)
 
-
-def grouped_moe_bf16_module(experts, x, topk_ids, topk_weights):
-    """``Experts.forward`` replacement (bind with types.MethodType) computing ``grouped_moe_bf16``."""
-    return grouped_moe_bf16(x, topk_ids, topk_weights, experts)

@@ -79,7 +79,7 @@ def tile_params(b_ptr, c_ptr, srb, src, offs_n, n_mask, kt, group_size, sup,
     """(scale fp32 [BN], zero point int32 [BN]) of K-tile ``kt``: the int weight's group scale and zero point
     (2^(b-1) when symmetric), or the 2-bit code's local * super scale (zero unused). These are a few bytes
     per row, too small and scattered for Triton's pipeliner to stage in shared memory, so the kernels load
-    them one tile ahead (``prefetch``) instead of waiting on them in every iteration."""
+    them one tile ahead (carried to the next iteration) instead of waiting on them in every iteration."""
     if KIND == 1:
         packed = tl.load(b_ptr + (kt // 2) * srb + offs_n, mask=n_mask, other=0).to(tl.int32)
         local = (packed >> (4 * (1 - kt % 2))) & 0xF  # the even 64-group sits in the high nibble
