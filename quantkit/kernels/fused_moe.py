@@ -138,9 +138,11 @@ def moe_config(tokens: int, top_k: int, num_experts: int, n: int, bk: int) -> Co
 
 def _launch(x, out, rows, block_expert, rw, first, second, top_k: int, gate_up: bool, cfg: Config, p: int, e: int):
     kind, ptrs, es, rs, kw, group, asym, bits = _weight_args(first)
-    uptrs = _weight_args(second)[1] if gate_up else ptrs
-    if gate_up and _weight_args(second)[2:] != (es, rs, kw, group, asym, bits):
-        raise ValueError("gate and up weights must share scheme and strides")
+    uptrs = ptrs
+    if gate_up:
+        ukind, uptrs, *rest = _weight_args(second)
+        if (ukind, *rest) != (kind, es, rs, kw, group, asym, bits):
+            raise ValueError("gate and up weights must share scheme and strides")
     n, k = first.n, first.k
     grid = (block_expert.numel() * triton.cdiv(n, cfg.bn),)
     _moe_kernel[grid](x, out, rows, block_expert, rw, *ptrs, *uptrs, n, k, kw, group, p, e, x.stride(0), out.stride(0),
@@ -162,11 +164,12 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     if x.stride(-1) != 1:
         x = x.contiguous()
     inter, p = gate.n, t * top_k
-    if not all(dispatch.kernel_reads(w) for w in (gate, up, down)):
+    bk_gate, bk_up, bk_down = (dispatch.tile_k(w) for w in (gate, up, down))
+    if not (bk_gate and bk_up and bk_down):
         raise ValueError("the fused MoE kernels read 2/4/8-bit int weights (groups with a power-of-two divisor >= 16) "
                          "and the 2-bit code")
-    cfg_up, cfg_down = configs or (moe_config(t, top_k, num_experts, 2 * inter, dispatch.tile_k(gate)),
-                                   moe_config(t, top_k, num_experts, hdim, dispatch.tile_k(down)))
+    cfg_up, cfg_down = configs or (moe_config(t, top_k, num_experts, 2 * inter, bk_gate),
+                                   moe_config(t, top_k, num_experts, hdim, bk_down))
     if cfg_up.bm != cfg_down.bm:
         raise ValueError("gate_up and down must use the same block of tokens (bm)")
     rows, block_expert = align(topk_ids, num_experts, cfg_up.bm)

@@ -22,7 +22,7 @@ def kernel_view(module: nn.Module, key, tensors: tuple, build):
     is built). Saves rebuilding and re-checking the views on every forward of a decode step."""
     cache = module.__dict__.setdefault("_kernel_views", {})
     hit = cache.get(key)
-    if hit is None or len(hit[0]) != len(tensors) or any(a is not b for a, b in zip(hit[0], tensors)):
+    if hit is None or any(a is not b for a, b in zip(hit[0], tensors)):
         hit = cache[key] = (tensors, build(*tensors))
     return hit[1]
 

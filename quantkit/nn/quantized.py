@@ -25,6 +25,11 @@ from quantkit.quant.qtensor import QTensor
 CODE2 = "code2"  # a ``schemes`` value: the projection is stored in the 2-bit code (``nn/code2.py``)
 
 
+def _whole(cols: slice) -> None:
+    if cols != slice(None):
+        raise ValueError("compressed-tensors int stacks are not stored fused: no column slices")
+
+
 class PackedWeight(nn.Module):
     """The packed tensors of one ``[N, K]`` weight, or of E of them stacked (``lead=(E,)``)."""
 
@@ -51,12 +56,15 @@ class PackedWeight(nn.Module):
             zeros = unpack_rows(sel(self.weight_zero_point).transpose(-1, -2), self.bits, self.n).transpose(-1, -2)
         return QTensor(codes, sel(self.weight_scale), zeros, self.bits, self.group_size)
 
-    def weight(self, dtype: torch.dtype, index: int | None = None) -> torch.Tensor:
+    def weight(self, dtype: torch.dtype, index: int | None = None, cols: slice = slice(None)) -> torch.Tensor:
+        _whole(cols)
         return self.qtensor(index).dequantize(dtype)
 
-    def kernel_weight(self) -> IntWeight:
+    def kernel_weight(self, cols: slice = slice(None)) -> IntWeight:
         """The buffers as the kernels take them (views, no copy); built once per set of buffers (a move to
-        another device replaces them) instead of on every forward."""
+        another device replaces them) instead of on every forward. ``cols`` (the ``Code2Stack`` signature) must
+        be all of them: zero points packed along N have no column views."""
+        _whole(cols)
         b = self._buffers
         return kernel_view(self, None, (b[PACKED], b[SCALE], b.get(ZERO)), self._build_kernel_weight)
 
@@ -117,9 +125,7 @@ class QuantExperts(Experts):
     def expert_weight(self, e: int, name: str, dtype: torch.dtype) -> torch.Tensor:
         """Expert ``e``'s ``[N, K]`` weight of projection ``name`` in ``dtype`` (dequantized where stored quantized)."""
         w, cols = self._stack(name)
-        if isinstance(w, Code2Stack):
-            return w.weight(dtype, e, cols)
-        return w.weight(dtype, e) if isinstance(w, PackedWeight) else w[e].to(dtype)
+        return w[e].to(dtype) if isinstance(w, nn.Parameter) else w.weight(dtype, e, cols)
 
     def project(self, e: int, name: str, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.expert_weight(e, name, x.dtype))
@@ -130,7 +136,7 @@ class QuantExperts(Experts):
         stacks = [self._stack(name) for name in ("gate_proj", "up_proj", "down_proj")]
         if not all(hasattr(w, "kernel_weight") for w, _ in stacks):
             return None
-        return [w.kernel_weight(cols) if isinstance(w, Code2Stack) else w.kernel_weight() for w, cols in stacks]
+        return [w.kernel_weight(cols) for w, cols in stacks]
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """The fused MoE kernels when the backend is triton and every projection is a quantized stack; else the
