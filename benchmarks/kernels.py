@@ -139,9 +139,10 @@ def moe_rows(device: str, ms: list[int], dims: dict) -> list[dict]:
     if (err := gc.rel_err(layer_grouped(check), layer_bf16(check))) > 2e-2:
         raise SystemExit(f"error: the grouped bf16 MoE differs from the loop (relative error {err:.3g})")
 
-    per_expert = {"bf16": 3 * hdim * inter * 2, "bf16-grouped": 3 * hdim * inter * 2, **{k: sum(gc.weight_bytes(w) for w in ws) // e for k, ws in quant.items()}}
-    fixed = {"bf16": router.nbytes + sum(p.nbytes for p in mlp.parameters()),
-             "bf16-grouped": router.nbytes + sum(p.nbytes for p in mlp.parameters()),
+    bf16_expert, bf16_fixed = 3 * hdim * inter * 2, router.nbytes + sum(p.nbytes for p in mlp.parameters())
+    per_expert = {"bf16": bf16_expert, "bf16-grouped": bf16_expert,
+                  **{k: sum(gc.weight_bytes(w) for w in ws) // e for k, ws in quant.items()}}
+    fixed = {"bf16": bf16_fixed, "bf16-grouped": bf16_fixed,
              **{k: router.nbytes + sum(gc.weight_bytes(w) for w in s4) for k in quant}}
     rows = []
     for m in ms:
