@@ -84,8 +84,10 @@ def anchor_methods(n: int, k: int, device: str) -> dict:
     def torchao_int4():
         from torchao.quantization import Int4WeightOnlyConfig, quantize_
 
+        # tile_packed_to_4d = torch's own tinygemm kernel (_weight_int4pack_mm); the default "plain" packing
+        # needs fbgemm-gpu-genai, which the GPU machine does not have.
         lin = linear()
-        quantize_(lin, Int4WeightOnlyConfig(group_size=128))
+        quantize_(lin, Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
         return lin
 
     def gemlite_w4():

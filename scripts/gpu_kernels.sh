@@ -7,6 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The benchmark anchors (torchao, gemlite), where scripts/gpu_wheels.sh fetched them and .whl/ was carried here.
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/anchors .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/anchors"
+fi
 LOG=${OUT:-benchmarks/results}
 mkdir -p "$LOG"
 part=${1:-all}
