@@ -6,9 +6,11 @@ why). One kernel covers both regimes; ``pick_config`` chooses its tiles from M:
 
 * decode (M <= 16): 16 token columns (``tl.dot``'s minimum), 64 weight rows per program and **split-K**: the
   K tiles are cut into ``S`` contiguous ranges, one per program on grid axis 1, so that M = 1..16 still puts
-  about two programs per SM on the GPU; each split writes an fp32 partial ``[S, M, N]`` that torch sums
-  (deterministic, no atomics). Scales are applied to the fp32 tile product (one multiply per output, not
-  per weight).
+  about two programs per SM on the GPU. Each split writes an fp32 partial ``[S, M, N]`` and counts itself in
+  its tile's counter (an acquire-release atomic); the one that arrives last sums the S partials in split
+  order (deterministic whatever the arrival order), writes the output and zeroes the counter: one launch,
+  where a torch sum and cast after it cost two more. Scales are applied to the fp32 tile product (one
+  multiply per output, not per weight).
 * prefill (M > 16): larger token tiles, no split once the output tiles fill the GPU, scales applied to the
   weight tile before the MMA so the accumulator chains through it.
 """
@@ -39,8 +41,8 @@ class Config:
 
 
 @triton.jit
-def _linear_kernel(x_ptr, out_ptr, a_ptr, b_ptr, c_ptr, d_ptr, e_ptr, M, N, K, KW, group_size,
-                   stride_xm, stride_om, stride_os, sra, srb, src,
+def _linear_kernel(x_ptr, out_ptr, part_ptr, count_ptr, a_ptr, b_ptr, c_ptr, d_ptr, e_ptr, M, N, K, KW, group_size,
+                   stride_xm, stride_om, stride_ps, sra, srb, src,
                    KIND: tl.constexpr, BITS: tl.constexpr, ASYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                    BK: tl.constexpr, SPLIT_K: tl.constexpr, SCALE_IN_TILE: tl.constexpr, DOT_F32: tl.constexpr,
                 INTERPRET: tl.constexpr):
@@ -69,8 +71,20 @@ def _linear_kernel(x_ptr, out_ptr, a_ptr, b_ptr, c_ptr, d_ptr, e_ptr, M, N, K, K
         xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
                      mask=m_mask[None, :] & (offs_k[:, None] < K), other=0.0)
         acc = tile_mma(acc, q, s, xt, SCALE_IN_TILE, DOT_F32, INTERPRET)
-    out = out_ptr + tl.program_id(1) * stride_os + offs_m[None, :] * stride_om + offs_n[:, None]
-    tl.store(out, cast(acc, out_ptr.dtype.element_ty, INTERPRET), mask=m_mask[None, :] & n_mask[:, None])
+    mask = m_mask[None, :] & n_mask[:, None]
+    out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+    if SPLIT_K == 1:
+        tl.store(out, cast(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    else:  # fp32 partial; the split that finishes its tile last sums all of them in order and writes the output
+        part = part_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+        tl.store(part + tl.program_id(1) * stride_ps, acc, mask=mask)
+        done = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")  # release: this partial; acquire: the others
+        if done == SPLIT_K - 1:
+            total = tl.zeros((BN, BM), dtype=tl.float32)
+            for s in range(SPLIT_K):
+                total += tl.load(part + s * stride_ps, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out, cast(total, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+            tl.atomic_xchg(count_ptr + pid, 0)  # the tile's counter is zero again for the next launch
 
 
 INTERPRET = interpreted(_linear_kernel)  # how Triton built the kernel (TRITON_INTERPRET at import): its numerics
@@ -105,16 +119,17 @@ def launch_linear(x: torch.Tensor, kind: int, ptrs: tuple, strides: tuple, n: in
     if m == 0:
         return x.new_zeros(*lead, n)
     cfg = config or pick_config(m, n, k, bk, dispatch.sm_count(x.device))
-    grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), cfg.split_k)
-    if cfg.split_k == 1:
-        out = dispatch.empty((1, m, n), x.dtype, x.device)
-    else:
-        out = dispatch.empty((cfg.split_k, m, n), torch.float32, x.device)
-    _linear_kernel[grid](x2, out, *ptrs, m, n, k, kw, group_size, x2.stride(0), out.stride(1), out.stride(0), *strides,
-                         KIND=kind, BITS=bits, ASYM=asym, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SPLIT_K=cfg.split_k,
-                         SCALE_IN_TILE=cfg.scale_in_tile, DOT_F32=dot_in_f32(x.dtype, INTERPRET), INTERPRET=INTERPRET,
-                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    y = out[0] if cfg.split_k == 1 else out.sum(0).to(x.dtype)
+    tiles = triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn)
+    y = dispatch.empty((m, n), x.dtype, x.device)
+    part, counts = y, y  # unused without a split
+    if cfg.split_k > 1:
+        part = dispatch.empty((cfg.split_k, m, n), torch.float32, x.device)
+        counts = dispatch.split_counters(x.device, tiles)
+    _linear_kernel[(tiles, cfg.split_k)](x2, y, part, counts, *ptrs, m, n, k, kw, group_size, x2.stride(0), n, m * n,
+                                         *strides, KIND=kind, BITS=bits, ASYM=asym, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,
+                                         SPLIT_K=cfg.split_k, SCALE_IN_TILE=cfg.scale_in_tile,
+                                         DOT_F32=dot_in_f32(x.dtype, INTERPRET), INTERPRET=INTERPRET,
+                                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*lead, n)

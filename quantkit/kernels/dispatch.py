@@ -28,6 +28,23 @@ def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return t
 
 
+_COUNTERS: dict = {}
+
+
+def split_counters(device, tiles: int) -> torch.Tensor:
+    """Arrival counters for kernels whose programs split a reduction (dense split-K, the routing kernel's
+    split over H): int32 zeros, and each launch leaves them at zero again (the program that arrives last
+    resets its tile's counter). One buffer per device, made on first use and grown when a launch has more
+    tiles; kernels on one stream run one after another, so they share it. A first call before CUDA-graph
+    capture (the benchmarks' warm-up) keeps the allocation out of the graph."""
+    device = torch.device(device)
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < tiles:
+        buf = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
 
@@ -108,13 +125,25 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None, backend: str) -> torch
 
 
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate, up, down,
-              backend: str) -> torch.Tensor:
-    """Routed experts for x [T, H] with stacked [E, ...] weights (``reference.IntWeight`` / ``Code2Weight``):
-    the fused Triton MoE, or the twin's loop."""
+              backend: str, add: torch.Tensor | None = None) -> torch.Tensor:
+    """Routed experts for x [T, H] with stacked [E, ...] weights (``reference.IntWeight`` / ``Code2Weight``),
+    plus ``add``: the fused Triton MoE, or the twin's loop."""
     from quantkit.kernels import reference
 
     if backend == "triton" and all(kernel_reads(w) for w in (gate, up, down)):
         from quantkit.kernels.fused_moe import fused_moe as triton_moe
 
-        return triton_moe(x, topk_ids, topk_weights, gate, up, down)
-    return reference.fused_moe(x, topk_ids, topk_weights, gate, up, down)
+        return triton_moe(x, topk_ids, topk_weights, gate, up, down, add=add)
+    return reference.fused_moe(x, topk_ids, topk_weights, gate, up, down, add)
+
+
+def route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor, top_k: int, norm_min: float,
+          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """ERNIE's routing (``layers.route``): one Triton launch when ``backend`` is triton, else the torch ops."""
+    if backend == "triton":
+        from quantkit.kernels.routing import route as triton_route
+
+        return triton_route(x, gate_weight, bias, top_k, norm_min)
+    from quantkit.model.layers import route as torch_route
+
+    return torch_route(x, gate_weight, bias, top_k, norm_min)

@@ -166,8 +166,9 @@ class Experts(nn.Module):
             self.observer(e, x, h, weights)
         return self.project(e, "down_proj", h)
 
-    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        """x [T, H], topk_ids/topk_weights [T, k] -> Σ_k w·expert(x) [T, H]."""
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                add: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, H], topk_ids/topk_weights [T, k] -> Σ_k w·expert(x) (+ ``add``: the shared experts) [T, H]."""
         out = torch.zeros_like(x)
         counts = torch.bincount(topk_ids.flatten(), minlength=self.num_experts).tolist()
         for e, n in enumerate(counts):
@@ -177,7 +178,7 @@ class Experts(nn.Module):
             w = topk_weights[tok, slot]
             y = self.expert_forward(e, x[tok], w) * w[:, None].to(x.dtype)
             out.index_add_(0, tok, y.to(out.dtype))
-        return out
+        return out if add is None else out + add
 
 
 class Router(nn.Module):
@@ -189,6 +190,11 @@ class Router(nn.Module):
 
 
 class SparseMoeBlock(nn.Module):
+    """Router + routed experts + shared experts. ``backend`` (``dispatch.set_backend``) 'triton' routes with one
+    Triton launch; the shared experts' output goes into the experts' combine (one launch in the fused MoE)."""
+
+    backend = "torch"
+
     def __init__(self, cfg: ErnieMoeConfig):
         super().__init__()
         self.top_k, self.norm_min = cfg.moe_k, cfg.moe_norm_min
@@ -201,13 +207,16 @@ class SparseMoeBlock(nn.Module):
             self.shared_experts = MLP(cfg.hidden_size, width, cfg.use_bias)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return route(x, self.gate.weight, self.moe_statics.e_score_correction_bias, self.top_k, self.norm_min)
+        args = (x, self.gate.weight, self.moe_statics.e_score_correction_bias, self.top_k, self.norm_min)
+        if self.backend == "torch":
+            return route(*args)
+        from quantkit.kernels import dispatch
+
+        return dispatch.route(*args, self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         ids, weights = self.route(x)
-        out = self.experts(x, ids, weights)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out.reshape(shape)
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        return self.experts(x, ids, weights, shared).reshape(shape)
