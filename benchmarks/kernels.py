@@ -9,8 +9,9 @@ the Triton W4 g128 (symmetric) and 2-bit-code kernels. MoE rows: router + 64 exp
 weights: random routing) + shared experts; bf16 = quantkit's torch path (a loop over the experts that got
 tokens; it syncs on their counts, so it cannot be graph-captured); bf16-grouped = the same layer with one
 ``torch._grouped_mm`` per projection and no host sync, eager and replayed from a CUDA graph (the strongest
-bf16 baseline torch offers: "x grouped" is the speedup over its graph); W4 / W2-code = the fused Triton MoE
-with the shared experts in W4, eager and replayed from a CUDA graph. Times: median µs (``do_bench``, L2 flushed,
+bf16 baseline torch offers: "x grouped" is the speedup over its graph); W4 / W2-code = the layer as quantkit
+runs it with backend triton (the routing kernel, the fused Triton MoE with the shared experts' W4 output added
+in its combine), eager and replayed from a CUDA graph. Times: median µs (``do_bench``, L2 flushed,
 inputs rotated); GB/s counts every byte a call must read (weights with scales, the experts actually routed
 to, activations) plus its output; % of the measured device-to-device copy bandwidth. Random codes and
 scales: the speed of these kernels does not depend on the values.
@@ -104,6 +105,7 @@ def moe_rows(device: str, ms: list[int], dims: dict) -> list[dict]:
 
     from quantkit.kernels.dense import int_linear
     from quantkit.kernels.fused_moe import fused_moe
+    from quantkit.kernels.routing import route as triton_route
     from quantkit.model.layers import MLP, Experts, route
 
     e, top_k, hdim, inter, shared = dims["experts"], dims["top_k"], dims["hidden"], dims["inter"], dims["shared"]
@@ -133,9 +135,9 @@ def moe_rows(device: str, ms: list[int], dims: dict) -> list[dict]:
         ids, w = route(x, router, bias, top_k, 1e-12)
         return gc.grouped_moe_bf16(x, ids, w, experts) + mlp(x)
 
-    def layer_q(x, ws):
-        ids, w = route(x, router, bias, top_k, 1e-12)
-        return fused_moe(x, ids, w, *ws) + shared_q(x)
+    def layer_q(x, ws):  # as SparseMoeBlock runs with backend triton: routing kernel, shared output into the combine
+        ids, w = triton_route(x, router, bias, top_k, 1e-12)
+        return fused_moe(x, ids, w, *ws, add=shared_q(x))
 
     check = torch.randn(3, hdim, device=device).to(bf)  # the grouped baseline computes the same layer as the loop
     if (err := gc.rel_err(layer_grouped(check), layer_bf16(check))) > 2e-2:

@@ -7,7 +7,7 @@ from kernel_cases import (DEV, TOL, gpu, oracle_moe, poison, random_int_weight, 
                           uneven_routing)
 
 import quantkit
-from quantkit.kernels import dense, dispatch, reference
+from quantkit.kernels import dense, dispatch, reference, routing
 from quantkit.kernels import fused_moe as fm
 from quantkit.kernels.dense import Config
 from quantkit.nn.quantized import QuantExperts, QuantLinear
@@ -23,6 +23,9 @@ def test_align_groups_pairs_by_expert(t, e, k, bm):
     rows, block_expert = fm.align(ids, e, bm)
     p = t * k
     flat = ids.reshape(-1).cpu()
+    if t <= fm.PAIR_BLOCK_TOKENS:  # decode: a block per pair, its expert read from the top-k ids (no launch)
+        assert rows is None and torch.equal(block_expert.cpu(), flat)
+        return
     rows, block_expert = rows.cpu().long(), block_expert.cpu().long()
     assert rows.numel() == block_expert.numel() * bm
     real = rows[rows < p]
@@ -35,10 +38,9 @@ def test_align_groups_pairs_by_expert(t, e, k, bm):
             assert pairs.numel() == 0
         else:
             assert bool((flat[pairs] == block_expert[b]).all())
-    if t > fm.PAIR_BLOCK_TOKENS:  # one run of blocks per expert that has pairs, none for the others
-        used = block_expert[block_expert < e]
-        assert sorted(set(used.tolist())) == sorted(set(flat.tolist()))
-        assert bool((used[1:] >= used[:-1]).all())
+    used = block_expert[block_expert < e]  # one run of blocks per expert that has pairs, none for the others
+    assert sorted(set(used.tolist())) == sorted(set(flat.tolist()))
+    assert bool((used[1:] >= used[:-1]).all())
 
 
 def moe_weights(e, hdim, inter, bits, group, asym, gen, down_group=None):
@@ -59,22 +61,25 @@ CASES = [
 ]
 
 
-def check_moe(t, e, k, hdim, inter, bits, group, down_group, asym, dtype, seed, configs=None):
+def check_moe(t, e, k, hdim, inter, bits, group, down_group, asym, dtype, seed, configs=None, with_add=False):
+    """``with_add``: a second term (the shared experts' output in the model) summed in the kernels' combine."""
     gen = torch.Generator().manual_seed(seed)
     gate, up, down = moe_weights(e, hdim, inter, bits, group, asym, gen, down_group)
     x = torch.randn(t, hdim, generator=gen).to(DEV, dtype)
     ids, w = uneven_routing(t, e, k, gen)
-    out = fm.fused_moe(x, ids, w, gate, up, down, configs)
+    add = 0.05 * torch.randn(t, hdim, generator=gen).to(DEV, dtype) if with_add else None
+    out = fm.fused_moe(x, ids, w, gate, up, down, configs, add=add)
     assert out.shape == (t, hdim) and out.dtype == dtype
     f64 = [wt.dequantize(torch.float64) for wt in (gate, up, down)]
-    assert rel_err(out, oracle_moe(x, ids, w, *f64)) <= TOL[dtype]
-    assert rel_err(out, reference.fused_moe(x, ids, w, gate, up, down).double()) <= 1.5 * TOL[dtype]
+    oracle = oracle_moe(x, ids, w, *f64) + (0 if add is None else add.double())
+    assert rel_err(out, oracle) <= TOL[dtype]
+    assert rel_err(out, reference.fused_moe(x, ids, w, gate, up, down, add).double()) <= 1.5 * TOL[dtype]
 
 
 @pytest.mark.parametrize("seed, case", list(enumerate(CASES)), ids=lambda c: c if isinstance(c, int) else
                          f"t{c[0]}-e{c[1]}-k{c[2]}-w{c[5]}g{c[6]}-{'asym' if c[8] else 'sym'}-{str(c[9])[6:]}")
 def test_fused_moe_matches_float64(seed, case):
-    check_moe(*case, seed=100 + seed)
+    check_moe(*case, seed=100 + seed, with_add=seed % 2 == 0)
 
 
 @pytest.mark.parametrize("configs", [
@@ -107,8 +112,8 @@ def tiny_quantized(tmp_path_factory):
 
 @pytest.mark.parametrize("recipe, dtype", [("w4g128-asym", BF16), ("w2g64", FP32)])
 def test_whole_model_triton_matches_torch(tiny_quantized, monkeypatch, recipe, dtype):
-    calls = {"linear": 0, "moe": 0}
-    for mod, name, key in ((dense, "int_linear", "linear"), (fm, "fused_moe", "moe")):
+    calls = {"linear": 0, "moe": 0, "route": 0}
+    for mod, name, key in ((dense, "int_linear", "linear"), (fm, "fused_moe", "moe"), (routing, "route", "route")):
         real = getattr(mod, name)
 
         def counted(*a, _real=real, _key=key, **kw):
@@ -123,7 +128,8 @@ def test_whole_model_triton_matches_torch(tiny_quantized, monkeypatch, recipe, d
     with torch.no_grad():
         ref = torch_model(ids).double()
         out = triton_model(ids)
-    assert calls == {"linear": 3 * 4 + 3 + 2 * 3, "moe": 2}  # attention, dense MLP, shared experts; 2 MoE layers
+    # attention, dense MLP, shared experts; 2 MoE layers, each routed by the routing kernel
+    assert calls == {"linear": 3 * 4 + 3 + 2 * 3, "moe": 2, "route": 2}
     assert rel_err(out, ref) <= 2 * TOL[dtype]
 
 

@@ -6,12 +6,14 @@
   expert and each expert's run is padded to a multiple of ``BM``; ``rows`` lists pair ids block by block
   (padding = P, the pair count) and ``block_expert`` names each block's expert (E past the end: the program
   exits). Capacity is the worst case, P + min(E, P)*(BM-1) rounded up, so shapes never depend on routing.
-  With one or two tokens (decode) every pair is its own block: no sort at all.
+  With one or two tokens (decode) every pair is its own block and the kernels read the top-k ids as the
+  blocks' experts (``PAIR_BLOCKS``): no sort and no launch.
 * **gate_up**: one launch over (block, N tile): each program gathers its tokens' rows of x, decodes the gate
   and the up tile of its expert in registers, accumulates both, and writes h = silu(gate)*up for each pair.
 * **down**: one launch over (block, N tile): rows of h, times the pair's routing weight, written per pair
   in fp32.
-* **combine**: out[t] = Σ_slot y[t, slot] (fp32 sum, then the activation dtype).
+* **combine**: one launch, out[t] = Σ_slot y[t, slot] (+ the shared experts' output) in fp32, then the
+  activation dtype.
 
 No split-K here (the SiLU needs whole sums, and six experts x 24..40 tiles already give the GPU a few hundred
 programs at decode).
@@ -39,7 +41,7 @@ def _moe_kernel(x_ptr, out_ptr, rows_ptr, block_expert_ptr, rw_ptr,
                 ga, gb, gc, gd, ge, ua, ub, uc, ud, ue,
                 N, K, KW, group_size, P, E, stride_xm, stride_om,
                 sea, seb, sec, sed, see, sra, srb, src,
-                ROW_DIV: tl.constexpr, GATE_UP: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr,
+                ROW_DIV: tl.constexpr, GATE_UP: tl.constexpr, PAIR_BLOCKS: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr,
                 ASYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                 SCALE_IN_TILE: tl.constexpr, DOT_F32: tl.constexpr,
                 INTERPRET: tl.constexpr):
@@ -48,10 +50,14 @@ def _moe_kernel(x_ptr, out_ptr, rows_ptr, block_expert_ptr, rw_ptr,
     blk = pid // num_n
     pid_n = pid % num_n
     e = tl.load(block_expert_ptr + blk)
-    if e >= E:
-        return
-    rows = tl.load(rows_ptr + blk * BM + tl.arange(0, BM))  # pair ids; P marks padding
-    m_mask = rows < P
+    if PAIR_BLOCKS:  # decode: block b is pair b alone (block_expert = the flat top-k ids, no rows array)
+        rows = blk + tl.arange(0, BM) * 0
+        m_mask = tl.arange(0, BM) == 0
+    else:
+        if e >= E:
+            return
+        rows = tl.load(rows_ptr + blk * BM + tl.arange(0, BM))  # pair ids; P marks padding
+        m_mask = rows < P
     x_rows = rows // ROW_DIV  # gate_up reads token rows of x, down reads pair rows of h
     offs_n = pid_n * BN + tl.arange(0, BN)
     n_mask = offs_n < N
@@ -90,17 +96,32 @@ def _moe_kernel(x_ptr, out_ptr, rows_ptr, block_expert_ptr, rw_ptr,
     tl.store(out, cast(acc, out_ptr.dtype.element_ty, INTERPRET), mask=m_mask[None, :] & n_mask[:, None])
 
 
+@triton.jit
+def _combine_kernel(y_ptr, add_ptr, out_ptr, H, S: tl.constexpr, HAS_ADD: tl.constexpr, BH: tl.constexpr,
+                    INTERPRET: tl.constexpr):
+    """out[t] = Σ_s y[t, s] (+ add[t]) in fp32, cast once: one launch instead of sum, cast and add."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BH + tl.arange(0, BH)
+    mask = offs < H
+    acc = tl.zeros((BH,), dtype=tl.float32)
+    for s in tl.static_range(S):
+        acc += tl.load(y_ptr + (t * S + s) * H + offs, mask=mask, other=0.0)
+    if HAS_ADD:
+        acc += tl.load(add_ptr + t * H + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * H + offs, cast(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
 INTERPRET = interpreted(_moe_kernel)
 
 
-def align(topk_ids: torch.Tensor, num_experts: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows int32 [blocks*bm], block_expert int32 [blocks]): pairs grouped by expert in blocks of ``bm``."""
-    flat = topk_ids.reshape(-1).to(torch.int64)
+def align(topk_ids: torch.Tensor, num_experts: int, bm: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(rows int32 [blocks*bm], block_expert int32 [blocks]): pairs grouped by expert in blocks of ``bm``.
+    Up to ``PAIR_BLOCK_TOKENS`` tokens: (None, the flat top-k ids), one block per pair (no launch at all)."""
+    flat = topk_ids.reshape(-1)
+    if topk_ids.shape[0] <= PAIR_BLOCK_TOKENS:
+        return None, flat
+    flat = flat.to(torch.int64)
     p, dev = flat.numel(), flat.device
-    if topk_ids.shape[0] <= PAIR_BLOCK_TOKENS:  # decode: one block per pair, row 0 real, the rest padding
-        rows = torch.full((p, bm), p, dtype=torch.int32, device=dev)
-        rows[:, 0] = torch.arange(p, dtype=torch.int32, device=dev)
-        return rows.reshape(-1), flat.to(torch.int32)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + bm - 1) // bm * bm
     ends = padded.cumsum(0)
@@ -145,20 +166,25 @@ def _launch(x, out, rows, block_expert, rw, first, second, top_k: int, gate_up: 
             raise ValueError("gate and up weights must share scheme and strides")
     n, k = first.n, first.k
     grid = (block_expert.numel() * triton.cdiv(n, cfg.bn),)
-    _moe_kernel[grid](x, out, rows, block_expert, rw, *ptrs, *uptrs, n, k, kw, group, p, e, x.stride(0), out.stride(0),
-                      *es, *rs, ROW_DIV=top_k if gate_up else 1, GATE_UP=gate_up, KIND=kind, BITS=bits, ASYM=asym,
+    pair_blocks = rows is None
+    _moe_kernel[grid](x, out, block_expert if pair_blocks else rows, block_expert, rw, *ptrs, *uptrs, n, k, kw, group,
+                      p, e, x.stride(0), out.stride(0), *es, *rs, ROW_DIV=top_k if gate_up else 1, GATE_UP=gate_up,
+                      PAIR_BLOCKS=pair_blocks, KIND=kind, BITS=bits, ASYM=asym,
                       BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SCALE_IN_TILE=cfg.scale_in_tile,
                       DOT_F32=dot_in_f32(x.dtype, INTERPRET), INTERPRET=INTERPRET,
                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate, up, down,
-              configs: tuple[Config, Config] | None = None) -> torch.Tensor:
-    """x [T, H], topk_ids / topk_weights [T, k] -> Σ_k w · down(silu(gate(x)) · up(x)) [T, H], with stacked
-    [E, ...] ``IntWeight`` / ``Code2Weight`` experts (gate and up of one kind); twin: ``reference.fused_moe``."""
+              configs: tuple[Config, Config] | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, H], topk_ids / topk_weights [T, k] -> Σ_k w · down(silu(gate(x)) · up(x)) (+ ``add``, e.g. the
+    shared experts' output) [T, H], with stacked [E, ...] ``IntWeight`` / ``Code2Weight`` experts (gate and up
+    of one kind); twin: ``reference.fused_moe``."""
     t, hdim = x.shape
     top_k = topk_ids.shape[1]
     num_experts = gate.packed.shape[0] if isinstance(gate, IntWeight) else gate.quant_weight.shape[0]
+    if add is not None and add.shape != x.shape:
+        raise ValueError(f"add must have x's shape {tuple(x.shape)}, got {tuple(add.shape)}")
     if t == 0:
         return torch.zeros_like(x)
     if x.stride(-1) != 1:
@@ -178,4 +204,10 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     _launch(x, h, rows, block_expert, rw, gate, up, top_k, True, cfg_up, p, num_experts)
     y = dispatch.empty((p, hdim), torch.float32, x.device)
     _launch(h, y, rows, block_expert, rw, down, None, top_k, False, cfg_down, p, num_experts)
-    return y.view(t, top_k, hdim).sum(1).to(x.dtype)
+    out = dispatch.empty((t, hdim), x.dtype, x.device)
+    if add is not None and add.stride() != (hdim, 1):
+        add = add.contiguous()
+    bh = min(1024, triton.next_power_of_2(hdim))
+    _combine_kernel[(t, triton.cdiv(hdim, bh))](y, out if add is None else add, out, hdim, S=top_k,
+                                                HAS_ADD=add is not None, BH=bh, INTERPRET=INTERPRET, num_warps=4)
+    return out

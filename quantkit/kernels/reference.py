@@ -66,9 +66,10 @@ int_linear = code2_linear = linear  # the twins of ``kernels.dense.int_linear`` 
 
 
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-              gate: Weight, up: Weight, down: Weight) -> torch.Tensor:
-    """x [T, H], topk_ids / topk_weights [T, k] -> Σ_k w · down(silu(gate(x)) · up(x)) [T, H], with stacked
-    [E, ...] weights; the loop of ``Experts.forward`` (weights applied in x's dtype, summed by index_add)."""
+              gate: Weight, up: Weight, down: Weight, add: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, H], topk_ids / topk_weights [T, k] -> Σ_k w · down(silu(gate(x)) · up(x)) (+ ``add``) [T, H], with
+    stacked [E, ...] weights; the loop of ``Experts.forward`` (weights applied in x's dtype, summed by
+    index_add)."""
     out = torch.zeros_like(x)
     for e in torch.unique(topk_ids).tolist():
         tok, slot = torch.where(topk_ids == e)
@@ -76,4 +77,4 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         h = F.silu(linear(xe, gate.expert(e))) * linear(xe, up.expert(e))
         y = linear(h, down.expert(e)) * topk_weights[tok, slot][:, None].to(x.dtype)
         out.index_add_(0, tok, y.to(out.dtype))
-    return out
+    return out if add is None else out + add

@@ -138,10 +138,11 @@ class QuantExperts(Experts):
             return None
         return [w.kernel_weight(cols) for w, cols in stacks]
 
-    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                add: torch.Tensor | None = None) -> torch.Tensor:
         """The fused MoE kernels when the backend is triton and every projection is a quantized stack; else the
         loop over experts."""
         projs = None if self.backend == "torch" or self.observer is not None else self.kernel_projections()
         if projs is None:
-            return super().forward(x, topk_ids, topk_weights)
-        return dispatch.fused_moe(x, topk_ids, topk_weights, *projs, self.backend)
+            return super().forward(x, topk_ids, topk_weights, add)
+        return dispatch.fused_moe(x, topk_ids, topk_weights, *projs, self.backend, add)
