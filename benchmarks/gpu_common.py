@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,11 +36,25 @@ def setup(tiny: bool, script: str) -> str:
     sys.exit(1)
 
 
+def commit() -> str | None:
+    """The checkout's commit (with '+dirty' for uncommitted changes), for the results' provenance."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None  # not a git checkout (e.g. a copied tree)
+    return head + ("+dirty" if dirty else "")
+
+
 def device_info(device: str) -> dict:
     import triton
 
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()}
+            "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+            "commit": commit()}
     if device == "cuda":
         p = torch.cuda.get_device_properties(0)
         info.update(device=p.name, sms=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1),
@@ -149,9 +164,10 @@ def grouped_moe_bf16(x, ids, weights, experts):
     return torch.zeros_like(x).index_add_(0, tok, y)
 
 
-def grouped_moe_bf16_module(experts, x, topk_ids, topk_weights):
+def grouped_moe_bf16_module(experts, x, topk_ids, topk_weights, add=None):
     """``Experts.forward`` replacement (bind with types.MethodType) computing ``grouped_moe_bf16``."""
-    return grouped_moe_bf16(x, topk_ids, topk_weights, experts)
+    out = grouped_moe_bf16(x, topk_ids, topk_weights, experts)
+    return out if add is None else out + add
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

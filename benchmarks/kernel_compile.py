@@ -103,13 +103,14 @@ def launch_variants(ms: list[int], quick: bool) -> list[dict]:
     """Run quantkit's launch code for every (shape, format, M) of the benchmarks; kernels only compile."""
     import torch
 
-    from quantkit.kernels import dense, fused_moe
+    from quantkit.kernels import dense, fused_moe, routing
     from quantkit.kernels.code2 import code2_linear
 
     log: list[dict] = []
     context: dict = {}
-    dense._linear_kernel = CompileOnly(dense._linear_kernel, log, context)
-    fused_moe._moe_kernel = CompileOnly(fused_moe._moe_kernel, log, context)
+    for mod, name in ((dense, "_linear_kernel"), (fused_moe, "_moe_kernel"), (fused_moe, "_combine_kernel"),
+                      (routing, "_route_kernel")):
+        setattr(mod, name, CompileOnly(getattr(mod, name), log, context))
     bf, fp = torch.bfloat16, torch.float16
     dev = "cpu"
     dense_formats = {"w4g128": (lambda n, k: gc.int_weight((), n, k, dev), bf),
@@ -137,7 +138,10 @@ def launch_variants(ms: list[int], quick: bool) -> list[dict]:
             ids = torch.rand(m, e, generator=gen).argsort(1)[:, :top_k]
             weights = torch.full((m, top_k), 1 / top_k)
             context.update(layer=f"MoE E{e} top{top_k}", format=fmt, m=m, n=None, k=None)
-            fused_moe.fused_moe(torch.zeros(m, hdim, dtype=bf), ids, weights, *ws)
+            x = torch.zeros(m, hdim, dtype=bf)
+            if fmt == "w4g128":  # the routing kernel does not depend on the experts' format
+                routing.route(x, torch.zeros(e, hdim), torch.zeros(1, e), top_k, 1e-12)
+            fused_moe.fused_moe(x, ids, weights, *ws, add=torch.zeros(m, hdim, dtype=bf))  # + the shared experts
     return log
 
 
@@ -156,13 +160,17 @@ def live_programs(rec: dict) -> int:
 
 def describe(rec: dict) -> str:
     a = rec["args"]
+    if rec["kernel"] == "_route_kernel":
+        return f"bt{a['BT']} be{a['BE']} bh{a['BH']} split{a['SPLIT']} top{a['TOP_K']} w{a['num_warps']}"
+    if rec["kernel"] == "_combine_kernel":
+        return f"bh{a['BH']} slots{a['S']}{' +add' if a['HAS_ADD'] else ''} w{a['num_warps']}"
     parts = [f"bm{a['BM']} bn{a['BN']} bk{a['BK']}"]
     if a.get("SPLIT_K", 1) > 1:
         parts.append(f"split{a['SPLIT_K']}")
     if a["SCALE_IN_TILE"]:
         parts.append("scale-in-tile")
     if rec["kernel"] == "_moe_kernel":
-        parts.append("gate_up" if a["GATE_UP"] else "down")
+        parts.append(("gate_up" if a["GATE_UP"] else "down") + (" pair-blocks" if a["PAIR_BLOCKS"] else ""))
     parts.append(f"w{a['num_warps']}s{a['num_stages']}")
     return " ".join(parts)
 
