@@ -126,6 +126,12 @@ def launch_variants(ms: list[int], quick: bool) -> list[dict]:
                 context.update(layer=name, format=fmt, m=m, n=n, k=k)
                 op = code2_linear if fmt == "w2code" else dense.int_linear
                 op(torch.zeros(m, k, dtype=dtype), w)
+    n, k = DENSE["shared gate/up"]
+    for fmt, (make, dtype) in dense_formats.items():  # the SwiGLU's gate and up in one launch (shared experts)
+        g, u = make(n, k), make(n, k)
+        for m in ms:
+            context.update(layer="shared gate+up", format=fmt, m=m, n=n, k=k)
+            dense.gate_up(torch.zeros(m, k, dtype=dtype), g, u)
     e, top_k, hdim, inter = MOE["experts"], MOE["top_k"], MOE["hidden"], MOE["inter"]
     moe_formats = {"w4g128": lambda n, k: gc.int_weight((e,), n, k, dev),
                    "w2code": lambda n, k: gc.code2_weight((e,), n, k, dev)}
@@ -167,6 +173,8 @@ def describe(rec: dict) -> str:
     parts = [f"bm{a['BM']} bn{a['BN']} bk{a['BK']}"]
     if a.get("SPLIT_K", 1) > 1:
         parts.append(f"split{a['SPLIT_K']}")
+    if rec["kernel"] == "_linear_kernel" and a["GATE_UP"]:
+        parts.append("gate_up")
     if a["SCALE_IN_TILE"]:
         parts.append("scale-in-tile")
     if rec["kernel"] == "_moe_kernel":

@@ -8,7 +8,7 @@ from kernel_cases import (DEV, TOL, code2_oracle, gpu, oracle_moe, poison, rando
 
 from quantkit.format import wint2
 from quantkit.kernels import fused_moe as fm
-from quantkit.kernels import reference
+from quantkit.kernels import dense, reference
 from quantkit.kernels.code2 import code2_linear
 from quantkit.kernels.dense import Config
 from quantkit.kernels.reference import Code2Weight
@@ -36,6 +36,20 @@ def test_code2_linear_matches_float64(seed, case):
 @pytest.mark.parametrize("config", [Config(16, 16, 64, split_k=3), Config(32, 32, 64, scale_in_tile=True)])
 def test_code2_explicit_configs(config):
     check(33, 72, 320, BF16, seed=5, config=config)
+
+
+@pytest.mark.parametrize("m, config", [(1, None), (33, Config(16, 32, 64, split_k=2))])
+def test_code2_gate_up_matches_float64(m, config):
+    """gate and up halves of FastDeploy's fused up_gate_proj as two strided views, in one launch."""
+    gen = torch.Generator().manual_seed(m)
+    fused = random_code2_weight((), 2 * 40, 128, gen)
+    gate, up = (Code2Weight(*(t[..., cols] for t in (fused.quant_weight, fused.weight_scale, fused.super_scales,
+                                                      fused.code_scale, fused.code_zp)))
+                for cols in (slice(0, 40), slice(40, 80)))
+    x = torch.randn(m, 128, generator=gen).to(DEV, BF16)
+    dq = code2_oracle(fused)
+    a = x.double() @ dq[:40].t()
+    assert rel_err(dense.gate_up(x, gate, up, config), a * torch.sigmoid(a) * (x.double() @ dq[40:].t())) <= TOL[BF16]
 
 
 def test_column_slice_of_a_fused_up_gate():

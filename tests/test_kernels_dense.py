@@ -8,7 +8,7 @@ import torch
 from kernel_cases import DEV, TOL, gpu, poison, random_int_weight, rel_err  # noqa: F401  (poison: autouse fixture)
 
 from quantkit.errors import UsageError
-from quantkit.kernels import dispatch, reference
+from quantkit.kernels import dense, dispatch, reference
 from quantkit.kernels.dense import Config, int_linear, pick_config
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
@@ -51,6 +51,41 @@ def test_int_linear_matches_float64(seed, case):
 def test_explicit_configs(config):
     check(33, 72, 256, 4, 128, True, BF16, seed=1, config=config)
     check(5, 40, 256, 2, 128, False, FP16, seed=2, config=config)
+
+
+def swiglu(x, g, u):
+    """float64 oracle of the fused gate/up: silu(x G^T) * (x U^T)."""
+    a = x.double() @ g.t()
+    return a * torch.sigmoid(a) * (x.double() @ u.t())
+
+
+@pytest.mark.parametrize("m, n, k, bits, group, asym, dtype, config", [
+    (1, 72, 256, 4, 128, False, BF16, None),                       # decode default: split-K on this "GPU"
+    (3, 40, 192, 2, 32, True, FP16, Config(16, 32, 32, split_k=3)),  # uneven split, asym
+    (33, 72, 256, 8, None, True, BF16, None),                      # per channel, no split
+    (33, 24, 128, 4, 64, False, FP32, Config(32, 64, 64, scale_in_tile=True)),
+])
+def test_gate_up_matches_float64(m, n, k, bits, group, asym, dtype, config):
+    """One launch for a SwiGLU's gate and up: both weights decoded per tile, silu * up after the (split) sums."""
+    gen = torch.Generator().manual_seed(m + n + k)
+    g, u = (random_int_weight((), n, k, bits, group, asym, gen) for _ in range(2))
+    x = torch.randn(m, k, generator=gen).to(DEV, dtype)
+    out = dense.gate_up(x, g, u, config)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert rel_err(out, swiglu(x, g.dequantize(torch.float64), u.dequantize(torch.float64))) <= TOL[dtype]
+    assert rel_err(out, reference.gate_up(x, g, u).double()) <= 1.5 * TOL[dtype]
+    assert all(int(c.abs().sum()) == 0 for c in dispatch._COUNTERS.values())
+
+
+def test_gate_up_refuses_mixed_schemes_and_dispatch_falls_back():
+    gen = torch.Generator().manual_seed(9)
+    g = random_int_weight((), 40, 128, 4, 64, False, gen)
+    u = random_int_weight((), 40, 128, 4, 32, False, gen)
+    x = torch.randn(3, 128, generator=gen).to(DEV, BF16)
+    with pytest.raises(ValueError, match="share scheme"):
+        dense.gate_up(x, g, u)
+    out = dispatch.gate_up(x, g, u, "triton")  # two launches and a torch SiLU product instead
+    assert rel_err(out, swiglu(x, g.dequantize(torch.float64), u.dequantize(torch.float64))) <= TOL[BF16]
 
 
 def test_split_k_leaves_counters_at_zero_and_repeats_exactly():

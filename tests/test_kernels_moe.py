@@ -112,8 +112,9 @@ def tiny_quantized(tmp_path_factory):
 
 @pytest.mark.parametrize("recipe, dtype", [("w4g128-asym", BF16), ("w2g64", FP32)])
 def test_whole_model_triton_matches_torch(tiny_quantized, monkeypatch, recipe, dtype):
-    calls = {"linear": 0, "moe": 0, "route": 0}
-    for mod, name, key in ((dense, "int_linear", "linear"), (fm, "fused_moe", "moe"), (routing, "route", "route")):
+    calls = {"linear": 0, "gate_up": 0, "moe": 0, "route": 0}
+    for mod, name, key in ((dense, "int_linear", "linear"), (dense, "gate_up", "gate_up"), (fm, "fused_moe", "moe"),
+                           (routing, "route", "route")):
         real = getattr(mod, name)
 
         def counted(*a, _real=real, _key=key, **kw):
@@ -128,8 +129,9 @@ def test_whole_model_triton_matches_torch(tiny_quantized, monkeypatch, recipe, d
     with torch.no_grad():
         ref = torch_model(ids).double()
         out = triton_model(ids)
-    # attention, dense MLP, shared experts; 2 MoE layers, each routed by the routing kernel
-    assert calls == {"linear": 3 * 4 + 3 + 2 * 3, "moe": 2, "route": 2}
+    # attention (4 per layer); the dense MLP and the shared experts: gate+up in one launch, then down; 2 MoE
+    # layers, each routed by the routing kernel
+    assert calls == {"linear": 3 * 4 + 1 + 2, "gate_up": 3, "moe": 2, "route": 2}
     assert rel_err(out, ref) <= 2 * TOL[dtype]
 
 

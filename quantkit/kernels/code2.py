@@ -32,9 +32,14 @@ def code2_args(w: Code2Weight) -> tuple[tuple, tuple]:
     return ptrs, (w.quant_weight.stride(-2), w.weight_scale.stride(-2), 0)
 
 
-def code2_linear(x: torch.Tensor, w: Code2Weight, bias: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
-    """x [.., K] -> x @ W (+ bias) [.., N] in x's dtype; the twin is ``reference.code2_linear``."""
+def code2_launch_args(w: Code2Weight, config: Config | None) -> tuple:
+    """``launch_linear``'s weight arguments (kind .. bk) for a 2-bit-code weight."""
     if config is not None and config.bk != 64:
         raise ValueError("the 2-bit-code kernel works in 64-input tiles (bk=64)")
     ptrs, strides = code2_args(w)
-    return launch_linear(x, KIND_CODE2, ptrs, strides, w.n, w.k, w.k // 4, 64, 2, False, 64, bias, config)
+    return KIND_CODE2, ptrs, strides, w.n, w.k, w.k // 4, 64, 2, False, 64
+
+
+def code2_linear(x: torch.Tensor, w: Code2Weight, bias: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
+    """x [.., K] -> x @ W (+ bias) [.., N] in x's dtype; the twin is ``reference.code2_linear``."""
+    return launch_linear(x, *code2_launch_args(w, config), bias, config)

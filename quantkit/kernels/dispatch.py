@@ -124,6 +124,24 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None, backend: str) -> torch
     return reference.linear(x, w, bias)
 
 
+def _scheme(w) -> tuple:
+    from quantkit.kernels import reference
+
+    if isinstance(w, reference.Code2Weight):
+        return ("code2", w.n, w.k)
+    return ("int", w.bits, w.group_size, w.zero is None, w.n, w.k)
+
+
+def gate_up(x: torch.Tensor, gate, up, backend: str) -> torch.Tensor:
+    """silu(x @ G^T) * (x @ U^T): one Triton launch when ``backend`` is triton and the kernel reads both weights
+    in one scheme; else two ``linear`` calls (each Triton or torch) and the SiLU product in torch."""
+    if backend == "triton" and kernel_reads(gate) and kernel_reads(up) and _scheme(gate) == _scheme(up):
+        from quantkit.kernels.dense import gate_up as triton_gate_up
+
+        return triton_gate_up(x, gate, up)
+    return torch.nn.functional.silu(linear(x, gate, None, backend)) * linear(x, up, None, backend)
+
+
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate, up, down,
               backend: str, add: torch.Tensor | None = None) -> torch.Tensor:
     """Routed experts for x [T, H] with stacked [E, ...] weights (``reference.IntWeight`` / ``Code2Weight``),

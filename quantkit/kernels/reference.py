@@ -65,6 +65,11 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torc
 int_linear = code2_linear = linear  # the twins of ``kernels.dense.int_linear`` and ``kernels.code2.code2_linear``
 
 
+def gate_up(x: torch.Tensor, gate: Weight, up: Weight) -> torch.Tensor:
+    """silu(x @ G^T) * (x @ U^T): the twin of ``kernels.dense.gate_up``."""
+    return F.silu(linear(x, gate)) * linear(x, up)
+
+
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
               gate: Weight, up: Weight, down: Weight, add: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, H], topk_ids / topk_weights [T, k] -> Σ_k w · down(silu(gate(x)) · up(x)) (+ ``add``) [T, H], with
@@ -74,7 +79,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     for e in torch.unique(topk_ids).tolist():
         tok, slot = torch.where(topk_ids == e)
         xe = x[tok]
-        h = F.silu(linear(xe, gate.expert(e))) * linear(xe, up.expert(e))
+        h = gate_up(xe, gate.expert(e), up.expert(e))
         y = linear(h, down.expert(e)) * topk_weights[tok, slot][:, None].to(x.dtype)
         out.index_add_(0, tok, y.to(out.dtype))
     return out if add is None else out + add

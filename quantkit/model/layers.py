@@ -103,7 +103,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)). Used for dense layers and for the shared experts."""
+    """SwiGLU: down(silu(gate(x)) * up(x)). Used for dense layers and for the shared experts.
+
+    With ``backend`` 'triton' (``dispatch.set_backend``) and quantized gate and up projections without bias
+    (modules with ``kernel_weight``), gate, up and the SiLU product are one Triton launch."""
+
+    backend = "torch"
 
     def __init__(self, hidden: int, inter: int, bias: bool = False):
         super().__init__()
@@ -112,7 +117,13 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g, u = self.gate_proj, self.up_proj
+        if (self.backend != "torch" and hasattr(g, "kernel_weight") and hasattr(u, "kernel_weight")
+                and g.bias is None and u.bias is None):
+            from quantkit.kernels import dispatch
+
+            return self.down_proj(dispatch.gate_up(x, g.kernel_weight(), u.kernel_weight(), self.backend))
+        return self.down_proj(F.silu(g(x)) * u(x))
 
 
 class MoeStatics(nn.Module):
