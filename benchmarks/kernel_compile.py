@@ -66,6 +66,12 @@ class CompileOnly:
             except Exception as e:  # noqa: BLE001 - reported per variant, the run goes on
                 compiled, error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             bound = dict(zip(self.kernel.arg_names, args)) | kwargs
+            if self.kernel.fn.__name__ == "_align_kernel":  # the blocks the MoE launches see come from the twin
+                from quantkit.kernels import reference
+
+                rows, block_expert = reference.align(args[0], args[4], bound["BM"], args[5])
+                args[1].copy_(rows)
+                args[2].copy_(block_expert)
             self.log.append({**self.context, "kernel": self.kernel.fn.__name__, "grid": tuple(grid), "args": bound,
                              "compiled": compiled, "error": error})
         return launch
@@ -109,7 +115,7 @@ def launch_variants(ms: list[int], quick: bool) -> list[dict]:
     log: list[dict] = []
     context: dict = {}
     for mod, name in ((dense, "_linear_kernel"), (fused_moe, "_moe_kernel"), (fused_moe, "_combine_kernel"),
-                      (routing, "_route_kernel")):
+                      (fused_moe, "_align_kernel"), (routing, "_route_kernel")):
         setattr(mod, name, CompileOnly(getattr(mod, name), log, context))
     bf, fp = torch.bfloat16, torch.float16
     dev = "cpu"
@@ -168,6 +174,8 @@ def describe(rec: dict) -> str:
     a = rec["args"]
     if rec["kernel"] == "_route_kernel":
         return f"bt{a['BT']} be{a['BE']} bh{a['BH']} split{a['SPLIT']} top{a['TOP_K']} w{a['num_warps']}"
+    if rec["kernel"] == "_align_kernel":
+        return f"bm{a['BM']} be{a['BE']} ch{a['CH']} w{a['num_warps']}"
     if rec["kernel"] == "_combine_kernel":
         return f"bh{a['BH']} slots{a['S']}{' +add' if a['HAS_ADD'] else ''} w{a['num_warps']}"
     parts = [f"bm{a['BM']} bn{a['BN']} bk{a['BK']}"]
@@ -188,7 +196,7 @@ def main() -> None:
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: Hopper)")
     ap.add_argument("--sms", type=int, default=132, help="SMs the tile heuristics assume (H100 SXM/H200: 132)")
     ap.add_argument("--m", default="1,4,16,64,256,2048", help="tokens per step, comma-separated")
-    ap.add_argument("--quick", action="store_true", help="q_proj and the MoE layer only, M in {1, 2048} (the CI check)")
+    ap.add_argument("--quick", action="store_true", help="q_proj, shared gate+up and the MoE layer only, M in {1, 16, 2048} (the CI check)")
     ap.add_argument("--json", default=None, help="output (default benchmarks/results/kernel_compile_sm<arch>_triton<v>.json)")
     args = ap.parse_args()
     import triton
@@ -198,7 +206,7 @@ def main() -> None:
 
     driver.set_active(TargetOnly(args.arch))
     dispatch.sm_count = lambda device: args.sms  # the tile heuristics see the target, not this machine
-    ms = [1, 2048] if args.quick else [int(v) for v in args.m.split(",")]
+    ms = [1, 16, 2048] if args.quick else [int(v) for v in args.m.split(",")]
     log = launch_variants(ms, args.quick)
 
     variants: dict[str, dict] = {}

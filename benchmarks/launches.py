@@ -81,11 +81,21 @@ class CountOnly:
 
 
 def triton_kernels() -> list[tuple]:
-    """(module, attribute) of every Triton kernel quantkit launches."""
-    from quantkit.kernels import dense, fused_moe, routing
+    """(module, attribute) of every Triton kernel quantkit launches (those this checkout has: the script also
+    counts older commits, for before/after figures)."""
+    import importlib
 
-    return [(dense, "_linear_kernel"), (fused_moe, "_moe_kernel"), (fused_moe, "_combine_kernel"),
-            (routing, "_route_kernel")]
+    names = [("dense", "_linear_kernel"), ("fused_moe", "_moe_kernel"), ("fused_moe", "_combine_kernel"),
+             ("fused_moe", "_align_kernel"), ("routing", "_route_kernel")]
+    found = []
+    for mod_name, attr in names:
+        try:
+            mod = importlib.import_module(f"quantkit.kernels.{mod_name}")
+        except ImportError:
+            continue
+        if hasattr(mod, attr):
+            found.append((mod, attr))
+    return found
 
 
 def step_counts(model, batch: int, counter: Counter) -> dict:

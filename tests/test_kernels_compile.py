@@ -40,7 +40,7 @@ def test_kernels_compile_for_sm90(tmp_path):
         for fmt in ("w4g128", "w2code"):
             assert {(kernel, fmt, 1), (kernel, fmt, 2048)} <= seen
     kernels = {r["kernel"] for r in launches}
-    assert {"_route_kernel", "_combine_kernel"} <= kernels
+    assert {"_route_kernel", "_combine_kernel", "_align_kernel"} <= kernels
     configs = {v["config"] for v in variants}
     assert any("split" in c for c in configs) and any("scale-in-tile" in c for c in configs)
     for v in variants:

@@ -16,8 +16,9 @@ BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
 
 @pytest.mark.parametrize("t, e, k, bm", [(1, 8, 2, 16), (2, 64, 6, 16), (3, 8, 2, 16), (16, 8, 3, 16), (33, 5, 2, 32),
-                                         (40, 1, 1, 16), (7, 64, 6, 64)])
-def test_align_groups_pairs_by_expert(t, e, k, bm):
+                                         (40, 1, 1, 16), (7, 64, 6, 64), (300, 64, 6, 64), (50, 100, 4, 16)])
+def test_align_groups_pairs_by_expert(t, e, k, bm, monkeypatch):
+    monkeypatch.setattr(fm, "ALIGN_KERNEL_PAIRS", 4096)  # the kernel also for the large cases (many chunks)
     gen = torch.Generator().manual_seed(t * 100 + e)
     ids, _ = uneven_routing(t, e, k, gen)
     rows, block_expert = fm.align(ids, e, bm)
@@ -38,6 +39,8 @@ def test_align_groups_pairs_by_expert(t, e, k, bm):
             assert pairs.numel() == 0
         else:
             assert bool((flat[pairs] == block_expert[b]).all())
+    twin = reference.align(ids, e, bm, block_expert.numel())
+    assert torch.equal(rows, twin[0].cpu().long()) and torch.equal(block_expert, twin[1].cpu().long())
     used = block_expert[block_expert < e]  # one run of blocks per expert that has pairs, none for the others
     assert sorted(set(used.tolist())) == sorted(set(flat.tolist()))
     assert bool((used[1:] >= used[:-1]).all())

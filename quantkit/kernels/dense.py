@@ -94,8 +94,10 @@ def _linear_kernel(x_ptr, out_ptr, part_ptr, count_ptr, a_ptr, b_ptr, c_ptr, d_p
         tl.store(part + tl.program_id(1) * stride_ps, acc, mask=mask)
         if GATE_UP:  # the up partials follow the gate ones: [2 * SPLIT_K, M, N]
             tl.store(part + (SPLIT_K + tl.program_id(1)) * stride_ps, acc_up, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the (one-thread) release below
         done = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")  # release: this partial; acquire: the others
         if done == SPLIT_K - 1:
+            tl.debug_barrier()
             total = tl.zeros((BN, BM), dtype=tl.float32)
             for s in range(SPLIT_K):
                 total += tl.load(part + s * stride_ps, mask=mask, other=0.0, cache_modifier=".cg")

@@ -2,12 +2,13 @@
 
     route (the caller) -> align -> gate_up launch -> down launch -> combine
 
-* **align** (torch ops, no host sync, so a CUDA graph can hold it): the T*k (token, slot) pairs are sorted by
-  expert and each expert's run is padded to a multiple of ``BM``; ``rows`` lists pair ids block by block
+* **align** (no host sync, so a CUDA graph can hold it): the T*k (token, slot) pairs are sorted by expert
+  (stable) and each expert's run is padded to a multiple of ``BM``; ``rows`` lists pair ids block by block
   (padding = P, the pair count) and ``block_expert`` names each block's expert (E past the end: the program
   exits). Capacity is the worst case, P + min(E, P)*(BM-1) rounded up, so shapes never depend on routing.
-  With one or two tokens (decode) every pair is its own block and the kernels read the top-k ids as the
-  blocks' experts (``PAIR_BLOCKS``): no sort and no launch.
+  Up to 512 pairs it is one single-program launch; past that, torch ops. With one or two tokens (decode)
+  every pair is its own block and the kernels read the top-k ids as the blocks' experts (``PAIR_BLOCKS``):
+  no sort and no launch.
 * **gate_up**: one launch over (block, N tile): each program gathers its tokens' rows of x, decodes the gate
   and the up tile of its expert in registers, accumulates both, and writes h = silu(gate)*up for each pair.
 * **down**: one launch over (block, N tile): rows of h, times the pair's routing weight, written per pair
@@ -27,13 +28,16 @@ import torch
 import triton
 import triton.language as tl
 
-from quantkit.kernels import dispatch
+from quantkit.kernels import dispatch, reference
 from quantkit.kernels.code2 import code2_args
 from quantkit.kernels.dense import Config, int_args
 from quantkit.kernels.reference import Code2Weight, IntWeight
 from quantkit.kernels.tiles import KIND_CODE2, KIND_INT, column_params, dot_in_f32, cast, interpreted, tile_codes, tile_mma, tile_params
 
 PAIR_BLOCK_TOKENS = 2  # up to this many tokens, every (token, expert) pair is its own block (no sort)
+# Up to this many pairs the align kernel (one program, a few chunks) replaces ~20 torch launches; past it the
+# torch ops (parallel sort) cost less than one program's serial walk, and the launches are amortized.
+ALIGN_KERNEL_PAIRS = 512
 
 
 @triton.jit
@@ -114,27 +118,62 @@ def _combine_kernel(y_ptr, add_ptr, out_ptr, H, S: tl.constexpr, HAS_ADD: tl.con
 INTERPRET = interpreted(_moe_kernel)
 
 
+@triton.jit
+def _align_kernel(ids_ptr, rows_ptr, block_expert_ptr, P, E, BLOCKS, BM: tl.constexpr, BE: tl.constexpr,
+                  CH: tl.constexpr, BB: tl.constexpr):
+    """One program: count pairs per expert (one-hot sums over chunks of ``CH`` pairs), pad each expert's run to
+    ``BM``, name each block's expert, then place every pair at its expert's start + its rank among that
+    expert's pairs so far (a cumulative sum of the one-hot tile): the stable order of ``reference.align``."""
+    offs_e = tl.arange(0, BE)
+    e_valid = offs_e < E
+    counts = tl.zeros((BE,), dtype=tl.int32)
+    for c0 in range(0, P, CH):
+        offs = c0 + tl.arange(0, CH)
+        ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1).to(tl.int32)
+        counts += tl.sum((ids[:, None] == offs_e[None, :]).to(tl.int32), axis=0)
+    padded = (counts + BM - 1) // BM * BM
+    ends = tl.cumsum(padded, axis=0)
+    starts = ends - padded
+    for b0 in range(0, BLOCKS, BB):
+        offs_b = b0 + tl.arange(0, BB)
+        past = (ends[None, :] <= offs_b[:, None] * BM) & e_valid[None, :]  # experts whose run ends before b
+        tl.store(block_expert_ptr + offs_b, tl.sum(past.to(tl.int32), axis=1), mask=offs_b < BLOCKS)
+    for r0 in range(0, BLOCKS * BM, CH):
+        offs = r0 + tl.arange(0, CH)
+        tl.store(rows_ptr + offs, tl.zeros((CH,), dtype=tl.int32) + P, mask=offs < BLOCKS * BM)
+    tl.debug_barrier()  # the padding is written before any thread places a pair over it
+    seen = tl.zeros((BE,), dtype=tl.int32)
+    for c0 in range(0, P, CH):
+        offs = c0 + tl.arange(0, CH)
+        ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1).to(tl.int32)
+        onehot = (ids[:, None] == offs_e[None, :]).to(tl.int32)
+        rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1
+        base = tl.sum(onehot * (starts + seen)[None, :], axis=1)
+        tl.store(rows_ptr + base + rank, offs, mask=offs < P)
+        seen += tl.sum(onehot, axis=0)
+
+
 def align(topk_ids: torch.Tensor, num_experts: int, bm: int) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(rows int32 [blocks*bm], block_expert int32 [blocks]): pairs grouped by expert in blocks of ``bm``.
-    Up to ``PAIR_BLOCK_TOKENS`` tokens: (None, the flat top-k ids), one block per pair (no launch at all)."""
+    """(rows int32 [blocks*bm], block_expert int32 [blocks]): pairs grouped by expert in blocks of ``bm``, in one
+    launch up to ``ALIGN_KERNEL_PAIRS`` pairs, else by ``reference.align`` (the twin, layout for layout). Up to
+    ``PAIR_BLOCK_TOKENS`` tokens: (None, the flat top-k ids), one block per pair (no launch at all)."""
     flat = topk_ids.reshape(-1)
     if topk_ids.shape[0] <= PAIR_BLOCK_TOKENS:
         return None, flat
-    flat = flat.to(torch.int64)
-    p, dev = flat.numel(), flat.device
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + bm - 1) // bm * bm
-    ends = padded.cumsum(0)
-    first = counts.cumsum(0) - counts  # where each expert's pairs start in the sorted order
-    order = torch.argsort(flat, stable=True)
-    expert = flat[order]
-    dest = ends[expert] - padded[expert] + torch.arange(p, device=dev) - first[expert]
-    blocks = triton.cdiv(p + min(num_experts, p) * (bm - 1), bm)
-    rows = torch.full((blocks * bm,), p, dtype=torch.int32, device=dev)
-    rows[dest] = order.to(torch.int32)
-    starts = torch.arange(blocks, device=dev) * bm
-    block_expert = torch.searchsorted(ends, starts, right=True).to(torch.int32)  # == E past the last block
+    p = flat.numel()
+    blocks = align_blocks(p, num_experts, bm)
+    if p > ALIGN_KERNEL_PAIRS:
+        return reference.align(flat, num_experts, bm, blocks)
+    rows = dispatch.empty((blocks * bm,), torch.int32, flat.device)
+    block_expert = dispatch.empty((blocks,), torch.int32, flat.device)
+    _align_kernel[(1,)](flat, rows, block_expert, p, num_experts, blocks, BM=bm,
+                        BE=max(16, triton.next_power_of_2(num_experts)), CH=128, BB=64, num_warps=4)
     return rows, block_expert
+
+
+def align_blocks(pairs: int, num_experts: int, bm: int) -> int:
+    """Blocks for the worst case: every expert that can have pairs pads its run by up to bm - 1 rows."""
+    return triton.cdiv(pairs + min(num_experts, pairs) * (bm - 1), bm)
 
 
 def _weight_args(w) -> tuple[int, tuple, tuple, tuple, int, int, bool, int]:

@@ -70,6 +70,26 @@ def gate_up(x: torch.Tensor, gate: Weight, up: Weight) -> torch.Tensor:
     return F.silu(linear(x, gate)) * linear(x, up)
 
 
+def align(topk_ids: torch.Tensor, num_experts: int, bm: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The twin of ``kernels.fused_moe.align`` (its many-token path) in torch ops: (rows int32 [blocks*bm],
+    block_expert int32 [blocks]). Pairs sorted by expert (stable), each expert's run padded to a multiple of
+    ``bm`` with the pair count P; a block past the last run names expert E."""
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    p, dev = flat.numel(), flat.device
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + bm - 1) // bm * bm
+    ends = padded.cumsum(0)
+    first = counts.cumsum(0) - counts  # where each expert's pairs start in the sorted order
+    order = torch.argsort(flat, stable=True)
+    expert = flat[order]
+    dest = ends[expert] - padded[expert] + torch.arange(p, device=dev) - first[expert]
+    rows = torch.full((blocks * bm,), p, dtype=torch.int32, device=dev)
+    rows[dest] = order.to(torch.int32)
+    starts = torch.arange(blocks, device=dev) * bm
+    block_expert = torch.searchsorted(ends, starts, right=True).to(torch.int32)  # == E past the last block
+    return rows, block_expert
+
+
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
               gate: Weight, up: Weight, down: Weight, add: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, H], topk_ids / topk_weights [T, k] -> Σ_k w · down(silu(gate(x)) · up(x)) (+ ``add``) [T, H], with

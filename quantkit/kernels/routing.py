@@ -48,9 +48,11 @@ def _route_kernel(x_ptr, w_ptr, bias_ptr, ids_ptr, wts_ptr, part_ptr, count_ptr,
     if SPLIT > 1:  # partial logits; the program that arrives last for this token block sums them in split order
         part = part_ptr + offs_t[:, None] * BE + offs_e[None, :]
         tl.store(part + tl.program_id(1) * T * BE, acc, mask=t_mask[:, None])
+        tl.debug_barrier()  # every thread's partial is written before the (one-thread) release below
         done = tl.atomic_add(count_ptr + pid_t, 1, sem="acq_rel")
         if done != SPLIT - 1:
             return
+        tl.debug_barrier()
         acc = tl.zeros((BT, BE), dtype=tl.float32)
         for s in range(SPLIT):
             acc += tl.load(part + s * T * BE, mask=t_mask[:, None], other=0.0, cache_modifier=".cg")
