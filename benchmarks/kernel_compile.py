@@ -109,13 +109,14 @@ def launch_variants(ms: list[int], quick: bool) -> list[dict]:
     """Run quantkit's launch code for every (shape, format, M) of the benchmarks; kernels only compile."""
     import torch
 
-    from quantkit.kernels import dense, fused_moe, routing
+    from quantkit.kernels import dense, fused_moe, pointwise, routing
     from quantkit.kernels.code2 import code2_linear
 
     log: list[dict] = []
     context: dict = {}
     for mod, name in ((dense, "_linear_kernel"), (fused_moe, "_moe_kernel"), (fused_moe, "_combine_kernel"),
-                      (fused_moe, "_align_kernel"), (routing, "_route_kernel")):
+                      (fused_moe, "_align_kernel"), (routing, "_route_kernel"), (pointwise, "_rms_norm_kernel"),
+                      (pointwise, "_rope_kernel")):
         setattr(mod, name, CompileOnly(getattr(mod, name), log, context))
     bf, fp = torch.bfloat16, torch.float16
     dev = "cpu"
@@ -139,6 +140,12 @@ def launch_variants(ms: list[int], quick: bool) -> list[dict]:
             context.update(layer="shared gate+up", format=fmt, m=m, n=n, k=k)
             dense.gate_up(torch.zeros(m, k, dtype=dtype), g, u)
     e, top_k, hdim, inter = MOE["experts"], MOE["top_k"], MOE["hidden"], MOE["inter"]
+    for m in ms:  # the attention block's RMSNorm and the RoPE of q (20 heads) and k (4), head dim 128
+        context.update(layer="norm + rope", format="bf16", m=m, n=None, k=None)
+        pointwise.rms_norm(torch.zeros(m, hdim, dtype=bf), torch.ones(hdim, dtype=bf), 1e-5)
+        cos = torch.zeros(m, 128)
+        for heads in (20, 4):
+            pointwise.rope(torch.zeros(1, m, heads, 128, dtype=bf).transpose(1, 2), cos, cos)
     moe_formats = {"w4g128": lambda n, k: gc.int_weight((e,), n, k, dev),
                    "w2code": lambda n, k: gc.code2_weight((e,), n, k, dev)}
     if not quick:
@@ -174,6 +181,10 @@ def describe(rec: dict) -> str:
     a = rec["args"]
     if rec["kernel"] == "_route_kernel":
         return f"bt{a['BT']} be{a['BE']} bh{a['BH']} split{a['SPLIT']} top{a['TOP_K']} w{a['num_warps']}"
+    if rec["kernel"] == "_rms_norm_kernel":
+        return f"bh{a['BH']} w{a['num_warps']}"
+    if rec["kernel"] == "_rope_kernel":
+        return f"half{a['HALF']} w{a['num_warps']}"
     if rec["kernel"] == "_align_kernel":
         return f"bm{a['BM']} be{a['BE']} ch{a['CH']} w{a['num_warps']}"
     if rec["kernel"] == "_combine_kernel":

@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gpu_common as gc  # noqa: E402
 
 NO_KERNEL = {"empty", "empty_strided", "empty_like", "detach", "lift_fresh", "alias", "_reshape_alias", "sym_size",
-             "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size", "resolve_conj", "resolve_neg"}
+             "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size", "resolve_conj", "resolve_neg",
+             "promote_types", "result_type"}
 HOST_SYNC = {"_local_scalar_dense", "nonzero", "equal"}
 
 
@@ -86,7 +87,8 @@ def triton_kernels() -> list[tuple]:
     import importlib
 
     names = [("dense", "_linear_kernel"), ("fused_moe", "_moe_kernel"), ("fused_moe", "_combine_kernel"),
-             ("fused_moe", "_align_kernel"), ("routing", "_route_kernel")]
+             ("fused_moe", "_align_kernel"), ("routing", "_route_kernel"), ("pointwise", "_rms_norm_kernel"),
+             ("pointwise", "_rope_kernel")]
     found = []
     for mod_name, attr in names:
         try:

@@ -165,3 +165,27 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor, top_k:
     from quantkit.model.layers import route as torch_route
 
     return torch_route(x, gate_weight, bias, top_k, norm_min)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str) -> torch.Tensor:
+    """``layers.rms_norm``: one Triton launch when ``backend`` is triton, else the torch ops."""
+    if backend == "triton":
+        from quantkit.kernels.pointwise import rms_norm as triton_rms_norm
+
+        return triton_rms_norm(x, weight, eps)
+    from quantkit.model.layers import rms_norm as torch_rms_norm
+
+    return torch_rms_norm(x, weight, eps)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str) -> torch.Tensor:
+    """``layers.apply_rope``: one Triton launch when ``backend`` is triton (and the head dim a power of two),
+    else the torch ops."""
+    d = x.shape[-1]
+    if backend == "triton" and d >= 2 and d & (d - 1) == 0:
+        from quantkit.kernels.pointwise import rope as triton_rope
+
+        return triton_rope(x, cos, sin)
+    from quantkit.model.layers import apply_rope
+
+    return apply_rope(x, cos, sin)

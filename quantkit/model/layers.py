@@ -22,13 +22,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
+    """``backend`` 'triton' (``dispatch.set_backend``): one launch instead of the torch ops."""
+
+    backend = "torch"
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        if self.backend == "torch":
+            return rms_norm(x, self.weight, self.eps)
+        from quantkit.kernels import dispatch
+
+        return dispatch.rms_norm(x, self.weight, self.eps, self.backend)
 
 
 class RotaryEmbedding(nn.Module):
@@ -74,6 +82,8 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    backend = "torch"  # 'triton' (``dispatch.set_backend``): RoPE in one launch per tensor
+
     def __init__(self, cfg: ErnieMoeConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -89,7 +99,12 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.backend == "torch":
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        else:  # one Triton launch per rotation
+            from quantkit.kernels import dispatch
+
+            q, k = dispatch.rope(q, cos, sin, self.backend), dispatch.rope(k, cos, sin, self.backend)
         past = 0
         if cache is not None:
             past = 0 if cache.keys[self.layer_idx] is None else cache.keys[self.layer_idx].shape[2]
