@@ -68,8 +68,8 @@ def main() -> None:
                          check=True, capture_output=True, text=True).stdout
     r = json.loads(out.strip().splitlines()[-1])
     gb = 1 / 1e9
-    print(f"| source | largest layer | embeddings | budget (1.5 x layer + emb) | peak RSS | peak - baseline | walk time |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| source | largest layer | embeddings | budget (1.5 x layer + emb) | peak RSS | peak - baseline | walk time |")
+    print("|---|---|---|---|---|---|---|")
     print(f"| {r['src']} | {r['largest_layer_bytes'] * gb:.2f} GB | {r['embedding_bytes'] * gb:.2f} GB | "
           f"{r['budget_bytes'] * gb:.2f} GB | {r['peak_rss_bytes'] * gb:.2f} GB | {r['peak_over_baseline_bytes'] * gb:.2f} GB | "
           f"{r['seconds']:.1f} s |")

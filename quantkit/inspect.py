@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter, defaultdict
-from pathlib import Path
 
 from quantkit.format import compressed_tensors as fmt
 from quantkit.format import wint2
