@@ -15,7 +15,8 @@ W2-code: the routed experts in the 2-bit code through the fused MoE, the rest W4
   prompt + steps positions (attention masks the unwritten ones, so a step costs what a step at that context
   costs; replays reuse the captured RoPE position, which does not change the cost). bf16 has no graph: its
   expert loop syncs on the token counts; bf16-grouped is the same model with the experts computed by
-  ``torch._grouped_mm`` (no host sync), eager and graphed: "best x grouped" is the speedup over its best.
+  ``torch._grouped_mm`` (no host sync) and quantkit's Triton RMSNorm / RoPE / routing kernels (as W4 and
+  W2-code run them), eager and graphed: "best x grouped" is the speedup over its best.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ def build(cfg, scheme: str, device: str):
     model = model.to_empty(device=device)
     randomize(model)
     model.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta).to(device)
-    dispatch.set_backend(model, "torch" if scheme.startswith("bf16") else "triton")
+    # bf16-grouped runs the Triton norm / RoPE / routing kernels too: it differs from W4 and W2-code only in how
+    # the weights are stored and multiplied
+    dispatch.set_backend(model, "torch" if scheme == "bf16" else "triton")
     if scheme == "bf16-grouped":  # the graph-capturable bf16 MoE (no host sync)
         for m in model.modules():
             if isinstance(m, Experts):

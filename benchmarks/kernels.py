@@ -4,14 +4,14 @@ the 2-bit code, at tokens per step M in {1, 4, 16, 64, 256, 2048}.
     python benchmarks/kernels.py [--m 1,4,16,64,256,2048] [--json FILE] [--anchors] [--skip-dense|--skip-moe]
     python benchmarks/kernels.py --tiny     # CPU, Triton interpreter, tiny shapes: checks the script only
 
-Dense rows: q/k/v/o projections and the shared experts' gate/up and down, ``F.linear`` with bf16 weights vs
-the Triton W4 g128 (symmetric) and 2-bit-code kernels. MoE rows: router + 64 experts top-6 (random router
-weights: random routing) + shared experts; bf16 = quantkit's torch path (a loop over the experts that got
-tokens; it syncs on their counts, so it cannot be graph-captured); bf16-grouped = the same layer with one
-``torch._grouped_mm`` per projection and no host sync, eager and replayed from a CUDA graph (the strongest
-bf16 baseline torch offers: "x grouped" is the speedup over its graph); W4 / W2-code = the layer as quantkit
-runs it with backend triton (the routing kernel, the fused Triton MoE with the shared experts' W4 output added
-in its combine), eager and replayed from a CUDA graph. Times: median µs (``do_bench``, L2 flushed,
+Dense rows: q/k/v/o projections and the shared experts' gate/up and down, ``F.linear`` with bf16 weights vs the
+Triton W4 g128 (symmetric) and 2-bit-code kernels. MoE rows: router + 64 experts top-6 (random router weights:
+random routing) + shared experts; bf16 = quantkit's torch path (a loop over the experts that got tokens; it
+syncs on their counts, so it cannot be graph-captured); bf16-grouped = the same layer with one
+``torch._grouped_mm`` per projection, no host sync and quantkit's routing kernel, eager and replayed from a CUDA
+graph (the strongest bf16 baseline torch offers: "x grouped" is the speedup over its graph); W4 / W2-code = the
+layer as quantkit runs it with backend triton (the routing kernel, the fused Triton MoE with the shared experts'
+W4 output, gate and up in one launch, added in its combine), eager and replayed from a CUDA graph. Times: median µs (``do_bench``, L2 flushed,
 inputs rotated); GB/s counts every byte a call must read (weights with scales, the experts actually routed
 to, activations) plus its output; % of the measured device-to-device copy bandwidth. Random codes and
 scales: the speed of these kernels does not depend on the values.
@@ -101,9 +101,8 @@ def anchor_methods(n: int, k: int, device: str) -> dict:
 
 def moe_rows(device: str, ms: list[int], dims: dict) -> list[dict]:
     import torch
-    import torch.nn.functional as F
 
-    from quantkit.kernels.dense import int_linear
+    from quantkit.kernels.dense import gate_up, int_linear
     from quantkit.kernels.fused_moe import fused_moe
     from quantkit.kernels.routing import route as triton_route
     from quantkit.model.layers import MLP, Experts, route
@@ -124,15 +123,15 @@ def moe_rows(device: str, ms: list[int], dims: dict) -> list[dict]:
              "w2code": [gc.code2_weight((e,), inter, hdim, device), gc.code2_weight((e,), inter, hdim, device),
                         gc.code2_weight((e,), hdim, inter, device)]}
 
-    def shared_q(x):
-        return int_linear(F.silu(int_linear(x, s4[0])) * int_linear(x, s4[1]), s4[2])
+    def shared_q(x):  # as MLP runs with backend triton: gate and up in one launch, then down
+        return int_linear(gate_up(x, s4[0], s4[1]), s4[2])
 
     def layer_bf16(x):
         ids, w = route(x, router, bias, top_k, 1e-12)
         return experts(x, ids, w) + mlp(x)
 
-    def layer_grouped(x):
-        ids, w = route(x, router, bias, top_k, 1e-12)
+    def layer_grouped(x):  # the routing kernel as in layer_q: the two differ only in the experts' weights
+        ids, w = triton_route(x, router, bias, top_k, 1e-12)
         return gc.grouped_moe_bf16(x, ids, w, experts) + mlp(x)
 
     def layer_q(x, ws):  # as SparseMoeBlock runs with backend triton: routing kernel, shared output into the combine
