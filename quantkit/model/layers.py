@@ -109,8 +109,8 @@ class Attention(nn.Module):
         if cache is not None:
             past = 0 if cache.keys[self.layer_idx] is None else cache.keys[self.layer_idx].shape[2]
             k, v = cache.update(self.layer_idx, k, v)
-        if past == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
+        if past == 0 or T == 1:  # a prompt: causal; one new token: it sees every key (no mask to build)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=past == 0 and T > 1, enable_gqa=True)
         else:  # new queries sit at positions past..past+T-1 and may see every key up to their own
             mask = torch.arange(past + T, device=x.device)[None, :] <= (past + torch.arange(T, device=x.device))[:, None]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
