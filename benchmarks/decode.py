@@ -125,13 +125,13 @@ def static_attention(self, x, cos, sin, cache):
     import torch
     import torch.nn.functional as F
 
-    from quantkit.model.layers import apply_rope
+    from quantkit.kernels import dispatch
 
     b, t, _ = x.shape
     q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
     k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
     v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = dispatch.rope(q, cos, sin, self.backend), dispatch.rope(k, cos, sin, self.backend)  # as Attention does
     idx = cache.pos + torch.arange(t, device=x.device)
     keys, values = cache.k[self.layer_idx], cache.v[self.layer_idx]
     keys.index_copy_(2, idx, k.to(keys.dtype))
