@@ -82,8 +82,7 @@ def test_gate_up_refuses_mixed_schemes_and_dispatch_falls_back():
     g = random_int_weight((), 40, 128, 4, 64, False, gen)
     u = random_int_weight((), 40, 128, 4, 32, False, gen)
     x = torch.randn(3, 128, generator=gen).to(DEV, BF16)
-    with pytest.raises(ValueError, match="share scheme"):
-        dense.gate_up(x, g, u)
+    assert dense.gate_up(x, g, u) is None  # different groups: not a pair
     out = dispatch.gate_up(x, g, u, "triton")  # two launches and a torch SiLU product instead
     assert rel_err(out, swiglu(x, g.dequantize(torch.float64), u.dequantize(torch.float64))) <= TOL[BF16]
 

@@ -186,13 +186,26 @@ def int_linear(x: torch.Tensor, w: IntWeight, bias: torch.Tensor | None = None, 
     return launch_linear(x, *_int_launch_args(w, config), bias, config)
 
 
-def gate_up(x: torch.Tensor, gate, up, config: Config | None = None) -> torch.Tensor:
-    """silu(x @ G^T) * (x @ U^T) [.., N] in one launch, for two int or two 2-bit-code weights of one scheme and
-    shape (a SwiGLU MLP's gate and up projections); the twin is ``reference.gate_up``."""
+def launch_args(w, config: Config | None = None) -> tuple:
+    """(kind, pointers, row strides, n, k, KW, group, bits, asym, bk) of an int or 2-bit-code weight (one, or
+    E stacked): what the dense and fused-MoE launches pass for it."""
+    if isinstance(w, IntWeight):
+        return _int_launch_args(w, config)
     from quantkit.kernels.code2 import code2_launch_args
 
-    g, u = ((_int_launch_args(w, config) if isinstance(w, IntWeight) else code2_launch_args(w, config))
-            for w in (gate, up))
-    if g[0] != u[0] or g[2:] != u[2:]:
-        raise ValueError("gate and up weights must share scheme, shape and strides")
+    return code2_launch_args(w, config)
+
+
+def paired(a: tuple, b: tuple) -> bool:
+    """Whether two weights' ``launch_args`` can share one launch (gate and up): all but the pointers equal."""
+    return a[0] == b[0] and a[2:] == b[2:]
+
+
+def gate_up(x: torch.Tensor, gate, up, config: Config | None = None) -> torch.Tensor | None:
+    """silu(x @ G^T) * (x @ U^T) [.., N] in one launch, for two int or two 2-bit-code weights of one scheme,
+    shape and strides (a SwiGLU MLP's gate and up projections); None when they are not such a pair (the caller
+    runs them apart). The twin is ``reference.gate_up``."""
+    g, u = launch_args(gate, config), launch_args(up, config)
+    if not paired(g, u):
+        return None
     return launch_linear(x, *g, None, config, up_ptrs=u[1])

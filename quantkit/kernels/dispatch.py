@@ -124,21 +124,15 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None, backend: str) -> torch
     return reference.linear(x, w, bias)
 
 
-def _scheme(w) -> tuple:
-    from quantkit.kernels import reference
-
-    if isinstance(w, reference.Code2Weight):
-        return ("code2", w.n, w.k)
-    return ("int", w.bits, w.group_size, w.zero is None, w.n, w.k)
-
-
 def gate_up(x: torch.Tensor, gate, up, backend: str) -> torch.Tensor:
     """silu(x @ G^T) * (x @ U^T): one Triton launch when ``backend`` is triton and the kernel reads both weights
-    in one scheme; else two ``linear`` calls (each Triton or torch) and the SiLU product in torch."""
-    if backend == "triton" and kernel_reads(gate) and kernel_reads(up) and _scheme(gate) == _scheme(up):
+    as a pair (``dense.paired``); else two ``linear`` calls (each Triton or torch) and the SiLU product in torch."""
+    if backend == "triton" and kernel_reads(gate) and kernel_reads(up):
         from quantkit.kernels.dense import gate_up as triton_gate_up
 
-        return triton_gate_up(x, gate, up)
+        out = triton_gate_up(x, gate, up)
+        if out is not None:
+            return out
     return torch.nn.functional.silu(linear(x, gate, None, backend)) * linear(x, up, None, backend)
 
 
@@ -179,13 +173,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str) ->
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str) -> torch.Tensor:
-    """``layers.apply_rope``: one Triton launch when ``backend`` is triton (and the head dim a power of two),
+    """``layers.apply_rope``: one Triton launch when ``backend`` is triton and the kernel takes the head dim,
     else the torch ops."""
-    d = x.shape[-1]
-    if backend == "triton" and d >= 2 and d & (d - 1) == 0:
-        from quantkit.kernels.pointwise import rope as triton_rope
+    if backend == "triton":
+        from quantkit.kernels import pointwise
 
-        return triton_rope(x, cos, sin)
+        if pointwise.rope_reads(x.shape[-1]):
+            return pointwise.rope(x, cos, sin)
     from quantkit.model.layers import apply_rope
 
     return apply_rope(x, cos, sin)

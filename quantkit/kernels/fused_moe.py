@@ -29,10 +29,9 @@ import triton
 import triton.language as tl
 
 from quantkit.kernels import dispatch, reference
-from quantkit.kernels.code2 import code2_args
-from quantkit.kernels.dense import Config, int_args
-from quantkit.kernels.reference import Code2Weight, IntWeight
-from quantkit.kernels.tiles import KIND_CODE2, KIND_INT, column_params, dot_in_f32, cast, interpreted, tile_codes, tile_mma, tile_params
+from quantkit.kernels.dense import Config, launch_args, paired
+from quantkit.kernels.reference import IntWeight
+from quantkit.kernels.tiles import cast, column_params, dot_in_f32, interpreted, tile_codes, tile_mma, tile_params
 
 PAIR_BLOCK_TOKENS = 2  # up to this many tokens, every (token, expert) pair is its own block (no sort)
 # Up to this many pairs the align kernel (one program, a few chunks) replaces ~20 torch launches; past it the
@@ -176,15 +175,6 @@ def align_blocks(pairs: int, num_experts: int, bm: int) -> int:
     return triton.cdiv(pairs + min(num_experts, pairs) * (bm - 1), bm)
 
 
-def _weight_args(w) -> tuple[int, tuple, tuple, tuple, int, int, bool, int]:
-    """(kind, pointers, expert strides, row strides, KW, group size, asym, bits) of a stacked weight."""
-    if isinstance(w, Code2Weight):
-        ptrs, rs = code2_args(w)
-        return KIND_CODE2, ptrs, tuple(t.stride(0) for t in ptrs), rs, w.k // 4, 64, False, 2
-    ptrs, rs = int_args(w)
-    return KIND_INT, ptrs, tuple(t.stride(0) for t in ptrs), rs, w.packed.shape[-1], w.group_size, w.zero is not None, w.bits
-
-
 @functools.lru_cache(maxsize=4096)
 def moe_config(tokens: int, top_k: int, num_experts: int, n: int, bk: int) -> Config:
     """Block sizes from the average pairs per expert (defaults; tuned by the GPU benchmarks)."""
@@ -197,13 +187,15 @@ def moe_config(tokens: int, top_k: int, num_experts: int, n: int, bk: int) -> Co
 
 
 def _launch(x, out, rows, block_expert, rw, first, second, top_k: int, gate_up: bool, cfg: Config, p: int, e: int):
-    kind, ptrs, es, rs, kw, group, asym, bits = _weight_args(first)
+    args = launch_args(first)
+    kind, ptrs, rs, n, k, kw, group, bits, asym, _ = args
+    es = tuple(t.stride(0) for t in ptrs)  # expert strides of the stacked tensors
     uptrs = ptrs
     if gate_up:
-        ukind, uptrs, *rest = _weight_args(second)
-        if (ukind, *rest) != (kind, es, rs, kw, group, asym, bits):
+        up = launch_args(second)
+        uptrs = up[1]
+        if not paired(args, up) or tuple(t.stride(0) for t in uptrs) != es:
             raise ValueError("gate and up weights must share scheme and strides")
-    n, k = first.n, first.k
     grid = (block_expert.numel() * triton.cdiv(n, cfg.bn),)
     pair_blocks = rows is None
     _moe_kernel[grid](x, out, block_expert if pair_blocks else rows, block_expert, rw, *ptrs, *uptrs, n, k, kw, group,
