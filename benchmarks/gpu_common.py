@@ -206,4 +206,3 @@ def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [head] + body]
     return "\n".join(lines)
-

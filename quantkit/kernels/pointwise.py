@@ -65,11 +65,16 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, HEADS, T, sb, sh, st, HALF: t
     tl.store(dst + 2 * i + 1, cast(odd * c_o + even * s_o, out_ptr.dtype.element_ty, INTERPRET))
 
 
+def rope_reads(head_dim: int) -> bool:
+    """Whether the RoPE kernel takes this head dim: an even power of two (one program's arange over pairs)."""
+    return head_dim >= 2 and head_dim & (head_dim - 1) == 0
+
+
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, heads, T, D] (any strides with a contiguous last dim), cos/sin [T, D] fp32 -> the rotated x
     (contiguous, x's dtype), as ``layers.apply_rope``."""
     b, heads, t, d = x.shape
-    if d % 2 or d & (d - 1):
+    if not rope_reads(d):
         raise ValueError(f"the RoPE kernel needs an even power-of-two head dim, got {d}")
     if x.stride(-1) != 1:
         x = x.contiguous()

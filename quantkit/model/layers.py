@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantkit.kernels import dispatch
 from quantkit.model.config import ErnieMoeConfig
 
 
@@ -32,10 +33,6 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "torch":
-            return rms_norm(x, self.weight, self.eps)
-        from quantkit.kernels import dispatch
-
         return dispatch.rms_norm(x, self.weight, self.eps, self.backend)
 
 
@@ -99,12 +96,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        if self.backend == "torch":
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        else:  # one Triton launch per rotation
-            from quantkit.kernels import dispatch
-
-            q, k = dispatch.rope(q, cos, sin, self.backend), dispatch.rope(k, cos, sin, self.backend)
+        q, k = dispatch.rope(q, cos, sin, self.backend), dispatch.rope(k, cos, sin, self.backend)
         past = 0
         if cache is not None:
             past = 0 if cache.keys[self.layer_idx] is None else cache.keys[self.layer_idx].shape[2]
@@ -135,8 +127,6 @@ class MLP(nn.Module):
         g, u = self.gate_proj, self.up_proj
         if (self.backend != "torch" and hasattr(g, "kernel_weight") and hasattr(u, "kernel_weight")
                 and g.bias is None and u.bias is None):
-            from quantkit.kernels import dispatch
-
             return self.down_proj(dispatch.gate_up(x, g.kernel_weight(), u.kernel_weight(), self.backend))
         return self.down_proj(F.silu(g(x)) * u(x))
 
@@ -233,12 +223,8 @@ class SparseMoeBlock(nn.Module):
             self.shared_experts = MLP(cfg.hidden_size, width, cfg.use_bias)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        args = (x, self.gate.weight, self.moe_statics.e_score_correction_bias, self.top_k, self.norm_min)
-        if self.backend == "torch":
-            return route(*args)
-        from quantkit.kernels import dispatch
-
-        return dispatch.route(*args, self.backend)
+        return dispatch.route(x, self.gate.weight, self.moe_statics.e_score_correction_bias, self.top_k, self.norm_min,
+                              self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
