@@ -95,6 +95,7 @@ def test_split_k_leaves_counters_at_zero_and_repeats_exactly():
     x = torch.randn(3, 512, generator=gen).to(DEV, BF16)
     cfg = Config(16, 32, 64, split_k=4)
     first = int_linear(x, w, config=cfg)
+    assert dispatch._COUNTERS  # the split launch made (and so checks) a counter buffer
     assert all(int(c.abs().sum()) == 0 for c in dispatch._COUNTERS.values())
     assert torch.equal(int_linear(x, w, config=cfg), first)
     assert all(int(c.abs().sum()) == 0 for c in dispatch._COUNTERS.values())
