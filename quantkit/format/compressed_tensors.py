@@ -144,9 +144,13 @@ def _weights_args(bits: int, symmetric: bool, channel: bool, group_size: int) ->
             "dynamic": False, "actorder": None, "observer": "minmax", "block_structure": None}
 
 
+# an experts module as it is named in config.json: a planned one, or FastDeploy's fused gate|up of the 2-bit code
+_EXPERTS_ROLE = re.compile(EXPERT_MODULE.pattern.replace("down_proj)", "down_proj|up_gate_proj)"))
+
+
 def _role_regex(module: str) -> str:
-    """``model.layers.3.mlp.experts.down_proj`` -> a regex for that module's on-disk linears."""
-    m = EXPERT_MODULE.match(module)
+    """``model.layers.3.mlp.experts.down_proj`` -> a regex for that module's on-disk linears (one per expert)."""
+    m = _EXPERTS_ROLE.match(module)
     if m:
         return "re:^" + re.escape(m.group(1)) + r"\.\d+\." + m.group(2) + "$"
     return "re:^" + re.escape(module) + "$"
