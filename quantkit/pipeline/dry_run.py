@@ -28,7 +28,8 @@ def _nbytes(t: torch.Tensor, dtype: torch.dtype) -> int:
 
 
 def dry_run(src: str, recipe: Recipe, options) -> dict:
-    from quantkit.pipeline.quantize import check_export, output_specs
+    from quantkit.pipeline.quantize import check_export, check_servers, output_specs
+    from quantkit.serving import SERVERS
 
     path = resolve(src)
     cfg = ErnieMoeConfig.from_dir(path)
@@ -36,7 +37,9 @@ def dry_run(src: str, recipe: Recipe, options) -> dict:
     with torch.device("meta"):
         skeleton = ErnieMoeForCausalLM(cfg)
     dtype = default_dtype(cfg)
-    specs = output_specs(skeleton, cfg, plan, dtype, check_export(plan, options.export))
+    fused = check_export(plan, options.export)
+    specs = output_specs(skeleton, cfg, plan, dtype, fused)
+    servers = check_servers(cfg, plan, specs, fused, SERVERS, options.tp)
     out_bytes = sum(s.nbytes for s in specs)
     src_bytes = sum(_nbytes(t, torch.float32 if t.dtype == torch.float32 and "gate.weight" in n else dtype)
                     for n, t in model_tensors(skeleton))
@@ -73,6 +76,7 @@ def dry_run(src: str, recipe: Recipe, options) -> dict:
         "peak_host_bytes": (device_peak if on_cpu else layer_bytes) + BASELINE_HOST_BYTES,
         "peak_gpu_bytes": None if on_cpu else device_peak,
         "disk_bytes": out_bytes + hidden // 2,
+        "servers": {s: [r.line() for r in reasons] for s, reasons in servers.items()}, "tp": options.tp,
         "breakdown": {"largest_layer": layer_bytes, "quantized_layer": quant_layer, "hidden_states": hidden,
                       "hessians": hessians, "gptq_working_set": gptq_ws},
     }
@@ -97,4 +101,7 @@ def format_dry_run(r: dict, max_rows: int = 12) -> str:
               f"  peak host memory: ~{gb(r['peak_host_bytes'])}" + (f", peak GPU memory: ~{gb(r['peak_gpu_bytes'])}" if r["peak_gpu_bytes"] else ""),
               f"    (largest layer {gb(b['largest_layer'])}, its quantized form {gb(b['quantized_layer'])}, "
               f"hidden states {gb(b['hidden_states'])}, Hessians {gb(b['hessians'])}, GPTQ working set {gb(b['gptq_working_set'])})"]
+    lines.append("  servers that could load the output" + (f" (tp={r['tp']})" if r["tp"] > 1 else "") + ":")
+    for server, reasons in r["servers"].items():
+        lines += [f"    {server}: yes"] if not reasons else [f"    {server}: no: {why}" for why in reasons]
     return "\n".join(lines)

@@ -64,10 +64,18 @@ class QuantizeOptions:
     progress: bool = True
     calib: CalibOptions = CalibOptions()
     export: str = "quantkit"  # or "fastdeploy": experts in the 2-bit code get FastDeploy's fused up_gate_proj
+    server: str | None = None  # refuse a plan this server could not load (quantkit.serving), before any work
+    tp: int = 1  # the tensor-parallel size the server check assumes
 
     def __post_init__(self):
+        from quantkit.serving import SERVERS
+
         if self.export not in EXPORTS:
             raise UsageError(f"--export must be one of {', '.join(EXPORTS)}, got {self.export!r}")
+        if self.server is not None and self.server not in SERVERS:
+            raise UsageError(f"--server must be one of {', '.join(SERVERS)}, got {self.server!r}")
+        if self.tp < 1:
+            raise UsageError(f"--tp must be >= 1, got {self.tp}")
 
 
 EXPORTS = ("quantkit", "fastdeploy")
@@ -85,6 +93,14 @@ def check_export(plan: Plan, export: str) -> bool:
     except ValueError as e:
         raise UsageError(f"--export fastdeploy: {e}") from None
     return True
+
+
+def refuse(server: str, reasons: list, tp: int = 1) -> None:
+    """A UsageError (one line) when ``server`` could not load the planned output."""
+    if reasons:
+        more = f"; and {len(reasons) - 1} more reason(s) (--dry-run lists them)" if len(reasons) > 1 else ""
+        raise UsageError(f"{server}{f' (tp={tp})' if tp > 1 else ''} could not load this output, nothing was written: "
+                         + reasons[0].line() + more)
 
 
 def entry_specs(entry: PlanEntry, dtype: torch.dtype, fused: bool) -> list[TensorSpec]:
@@ -117,6 +133,26 @@ def output_specs(skeleton, cfg, plan: Plan, dtype: torch.dtype, fused: bool = Fa
     return specs
 
 
+def output_config(cfg, plan: Plan, fused: bool = False) -> dict:
+    """The output's config.json: the source's, with the ``quantization_config`` that describes the plan."""
+    config = dict(cfg.raw)
+    config["quantization_config"] = qconfig = fmt.quantization_config(plan, fused)
+    code2_modules = [e.module for e in plan.entries if e.rule.format == "code2"]
+    if code2_modules:
+        qconfig[wint2.CONFIG_KEY] = wint2.config_block(code2_modules, fused)
+    if fused:
+        qconfig.update(wint2.fastdeploy_keys(qconfig[wint2.CONFIG_KEY]["layers"]))
+    return config
+
+
+def check_servers(cfg, plan: Plan, specs: list[TensorSpec], fused: bool, servers, tp: int = 1) -> dict:
+    """What each server would say of the planned output (``quantkit.serving``), before any work."""
+    from quantkit.serving import CheckpointView, check
+
+    view = CheckpointView.from_specs(output_config(cfg, plan, fused), specs)
+    return {s: check(view, s, tp) for s in servers}
+
+
 class QuantizeRun:
     """One quantization run, phase by phase: plan, (calibration inputs), globals, layers, finish."""
 
@@ -131,9 +167,11 @@ class QuantizeRun:
             raise UsageError(f"{src} is already quantized; quantize the original checkpoint")
         self.cfg, self.dtype = self.ckpt.config, default_dtype(self.ckpt.config)
         self.plan = make_plan(self.cfg, recipe)
-        self.code2_modules = [e.module for e in self.plan.entries if e.rule.format == "code2"]
         self.fused = check_export(self.plan, options.export)
         self.specs = output_specs(self.ckpt.skeleton, self.cfg, self.plan, self.dtype, self.fused)
+        if options.server:
+            refuse(options.server, check_servers(self.cfg, self.plan, self.specs, self.fused, [options.server],
+                                                 options.tp)[options.server], options.tp)
         self.calibrated = any(e.rule.method != "rtn" for e in self.plan.entries)
         self.out = Path(out).expanduser().resolve()
         self.partial = self.out.parent / f".{self.out.name}.partial"
@@ -211,14 +249,7 @@ class QuantizeRun:
         w = self.writer
         shards = w.shards.close()
         resume.clear_state(self.partial)
-        config = dict(self.cfg.raw)
-        config["quantization_config"] = qconfig = fmt.quantization_config(self.plan, self.fused)
-        if self.code2_modules:
-            qconfig[wint2.CONFIG_KEY] = wint2.config_block(self.code2_modules, self.fused)
-        if self.fused:
-            layers = qconfig[wint2.CONFIG_KEY]["layers"]
-            qconfig.update(wint2.fastdeploy_keys(layers))
-        w.write_json("config.json", config)
+        w.write_json("config.json", output_config(self.cfg, self.plan, self.fused))
         copied = w.copy_small_files(self.path)
         plan_rows = [{"module": e.module, "shape": list(e.shape), "rule": e.rule.label, "method": e.rule.method,
                       "group_size": e.group_size, "note": e.note} for e in self.plan.entries]
