@@ -175,12 +175,13 @@ def check_cmd(path, servers, tp):
     for s in servers:
         if s not in SERVERS:
             raise QuantkitError(f"unknown server {s!r}: use one of {', '.join(SERVERS)}", exit_code=2)
-    view = CheckpointView.from_dir(resolve(path))
+    where = resolve(path)
+    view = CheckpointView.from_dir(where)
     refused = False
     for s in servers or SERVERS:
         reasons = check(view, s, tp)
         refused |= bool(reasons)
-        for line in format_verdict(s, reasons, tp):
+        for line in format_verdict(s, reasons, tp, str(where)):
             click.echo(line)
     sys.exit(1 if refused else 0)
 

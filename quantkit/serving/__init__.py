@@ -7,8 +7,8 @@ tensor's name, dtype and shape. It is built from a checkpoint directory (``Check
 from a quantization plan before any work (``CheckpointView.from_specs``), so ``quantkit quantize --server S``
 and ``quantkit check PATH --server S`` apply the very same rules.
 
-Each server is a module with ``check(view, tp) -> list[Reason]`` (empty = it loads) and ``VERSIONS`` (the
-upstream revision its rules were read from): ``vllm``, ``fastdeploy``, ``transformers``, ``native``
+Each server is a module with ``check(view, tp) -> list[Reason]`` (empty = it loads), ``VERSIONS`` (the
+upstream revision its rules were read from) and ``SERVE`` (the command that serves a checkpoint ``{path}``): ``vllm``, ``fastdeploy``, ``transformers``, ``native``
 (quantkit itself, named ``quantkit`` on the command line).
 """
 
@@ -90,9 +90,10 @@ def check_all(view: CheckpointView, tp: int = 1) -> dict[str, list[Reason]]:
     return {s: check(view, s, tp) for s in SERVERS}
 
 
-def format_verdict(server: str, reasons: list[Reason], tp: int = 1) -> list[str]:
-    """One line when the server loads it, else one line per reason."""
+def format_verdict(server: str, reasons: list[Reason], tp: int = 1, path: str = "PATH") -> list[str]:
+    """One line when the server loads it (with the command that serves ``path``), else one line per reason."""
     on = f"{server}" + (f" (tp={tp})" if tp > 1 else "")
     if not reasons:
-        return [f"{on}: loads ({server_module(server).VERSIONS})"]
+        mod = server_module(server)
+        return [f"{on}: loads ({mod.VERSIONS}); serve: {mod.SERVE.format(path=path, tp=tp)}"]
     return [f"{on}: no: {r.line()}" for r in reasons]

@@ -12,6 +12,7 @@ from quantkit.errors import QuantkitError
 from quantkit.serving import CheckpointView, Reason
 
 VERSIONS = "this quantkit"
+SERVE = "quantkit generate {path} --prompt 'The state of the union' --device cuda  (Python: quantkit.load('{path}'))"
 SOURCE = "quantkit/model/loader.py::Checkpoint"
 
 

@@ -18,6 +18,7 @@ from quantkit.errors import QuantkitError
 from quantkit.serving import CheckpointView, Reason
 
 VERSIONS = "rules read from vLLM main, 2026 (compressed-tensors WNA16 + WNA16 MoE)"
+SERVE = "vllm serve {path} --tensor-parallel-size {tp}"
 ARCHITECTURES = ("Ernie4_5_MoeForCausalLM",)  # vllm/model_executor/models/registry.py
 WNA16_BITS = (4, 8)  # compressed_tensors/schemes/compressed_tensors_wNa16.py::WNA16_SUPPORTED_BITS
 CT = "vllm/model_executor/layers/quantization/compressed_tensors/"
