@@ -207,3 +207,14 @@ def test_dry_run_prints_every_servers_verdict(src):
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert "vllm: no: 2-bit code" in p.stdout and "quantkit: yes" in p.stdout
+
+
+def test_moe_activation_order_needs_marlin(views):
+    """Hidden 128 and expert width 64 fit Marlin MoE at g64; at tp=2 the width per rank (32) does not, and
+    vLLM's Triton fallback refuses actorder=group."""
+    def actorder(cfg):
+        for g in cfg["quantization_config"]["config_groups"].values():
+            g["weights"]["actorder"] = "group"
+    view = _edit(views["w4g128"], actorder)
+    assert "activation order without Marlin" not in _rules(check(view, "vllm"))
+    assert "activation order without Marlin" in _rules(check(view, "vllm", tp=2))

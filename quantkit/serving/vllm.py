@@ -162,7 +162,18 @@ def _quantized(view, layer, kind, shards, w, k_split, tp) -> list[Reason]:
                               "weight_shape (and weight_zero_point when asymmetric)", SRC["tensors"]))
             return out
     g = w.get("group_size") if w.get("strategy") == "group" else None
+    if kind == "moe" and w.get("actorder") in ("group", "dynamic") and not _marlin_moe(view.config, k_split // tp, g):
+        out.append(Reason("activation order without Marlin", layer, "Marlin MoE cannot take this layer (hidden % 128, "
+                          "I per rank % max(64, g), g in -1/32/64/128) and its WNA16 fallback raises \"WNA16MoE is not "
+                          "supported with actorder=group/dynamic\"", SRC["moe_tp_group"]))
     if g and tp > 1 and kind in ("row", "moe") and (k_split // tp) % g:
         out.append(Reason("group straddles a tensor-parallel shard", layer, f"K per rank {k_split}/{tp} = "
                           f"{k_split / tp:g} is not a multiple of group {g}", SRC["moe_tp_group" if kind == "moe" else "tp_group"]))
     return out
+
+
+def _marlin_moe(config: dict, i_per_rank: int, group: int | None) -> bool:
+    """``check_moe_marlin_supports_layer``: otherwise vLLM falls back to its Triton WNA16 MoE (slower, and
+    refusing activation order)."""
+    g = group or -1
+    return config["hidden_size"] % 128 == 0 and i_per_rank % max(64, g) == 0 and g in (-1, 32, 64, 128)
