@@ -7,8 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
 from quantkit.pipeline.dry_run import dry_run
 from quantkit.pipeline.quantize import QuantizeOptions, quantize
