@@ -107,7 +107,7 @@ def _parse_size(text: str) -> int:
 @DEVICE
 @click.option("--max-shard-size", default="4GB", show_default=True)
 @click.option("--export", type=click.Choice(["quantkit", "fastdeploy"]), default="quantkit", show_default=True,
-              help="fastdeploy: routed experts in the 2-bit code are written with FastDeploy's fused up_gate_proj names")
+              help="fastdeploy: FastDeploy's wint2 checkpoint (Paddle format, ernie.* names, 2-bit-code experts, wint8 dense layers)")
 @click.option("--force", is_flag=True, help="replace a non-empty output directory")
 @click.option("--resume", is_flag=True, help="continue an interrupted run with the same inputs (its .OUT.partial directory)")
 @click.option("--dry-run", is_flag=True, help="print the plan and the memory/disk estimates from config.json; quantize nothing")

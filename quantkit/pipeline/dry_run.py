@@ -17,7 +17,7 @@ from quantkit.model.config import ErnieMoeConfig
 from quantkit.model.ernie import ErnieMoeForCausalLM
 from quantkit.model.loader import default_dtype, model_tensors
 from quantkit.pipeline.layer_quant import EXPERT_CHUNK
-from quantkit.quant.config import Recipe, make_plan
+from quantkit.quant.config import Recipe
 from quantkit.sources import resolve
 
 BASELINE_HOST_BYTES = 400 << 20
@@ -28,15 +28,14 @@ def _nbytes(t: torch.Tensor, dtype: torch.dtype) -> int:
 
 
 def dry_run(src: str, recipe: Recipe, options) -> dict:
-    from quantkit.pipeline.quantize import check_export, output_specs
+    from quantkit.pipeline.quantize import output_plan
 
     path = resolve(src)
     cfg = ErnieMoeConfig.from_dir(path)
-    plan = make_plan(cfg, recipe)
     with torch.device("meta"):
         skeleton = ErnieMoeForCausalLM(cfg)
     dtype = default_dtype(cfg)
-    specs = output_specs(skeleton, cfg, plan, dtype, check_export(plan, options.export))
+    plan, specs = output_plan(cfg, recipe, options.export, skeleton, dtype)
     out_bytes = sum(s.nbytes for s in specs)
     src_bytes = sum(_nbytes(t, torch.float32 if t.dtype == torch.float32 and "gate.weight" in n else dtype)
                     for n, t in model_tensors(skeleton))
@@ -44,7 +43,7 @@ def dry_run(src: str, recipe: Recipe, options) -> dict:
     compute = torch.float32 if calibrated else dtype
     layers = skeleton.model.layers
     layer_bytes = max(sum(_nbytes(t, compute) for _, t in model_tensors(l)) for l in layers)
-    quant_layer = max(sum(s.nbytes for s in specs if s.name.startswith(f"model.layers.{i}.")) for i in range(len(layers)))
+    quant_layer = max(sum(s.nbytes for s in specs if s.name.split(".", 1)[-1].startswith(f"layers.{i}.")) for i in range(len(layers)))
     hidden = hessians = gptq_ws = 0
     if calibrated:
         c = options.calib
