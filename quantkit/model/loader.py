@@ -27,7 +27,7 @@ from quantkit.model.safetensors_io import CheckpointReader
 
 # In memory ``experts.gate_proj`` (dense, 3-D) or ``experts.gate_proj.weight_packed`` (quantized, stacked);
 # on disk ``experts.{e}.gate_proj.weight`` / ``experts.{e}.gate_proj.weight_packed``.
-# The 2-bit code's FastDeploy layout adds ``experts.up_gate_proj.quant_weight`` (gate and up fused).
+# Earlier FastDeploy-style exports add ``experts.up_gate_proj.quant_weight`` (gate and up fused), still read.
 EXPERT_PARAM = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj|up_gate_proj)(?:\.(\w+))?$")
 # Checkpoint tensors that exist in some releases and that the model does not use.
 IGNORED_TENSORS = re.compile(r"(^|\.)mtp|rotary_emb\.inv_freq$")
@@ -60,6 +60,9 @@ class Checkpoint:
         if verify:
             verify_checksums(self.path)
         self.qconfig = self.config.raw.get("quantization_config")
+        if self.qconfig is not None and self.qconfig.get("quantization") == "wint2" and "quant_method" not in self.qconfig:
+            raise QuantkitError(f"{self.path}: a FastDeploy wint2 export (ernie.* names, Paddle layouts) is for FastDeploy; "
+                                "quantkit loads its own layout (quantize with --export quantkit)")
         if self.qconfig is not None and self.qconfig.get("quant_method") != "compressed-tensors":
             raise QuantkitError(f"{self.path}: quantization method {self.qconfig.get('quant_method')!r} is not supported "
                                 "(quantkit reads compressed-tensors pack-quantized checkpoints)")
