@@ -122,22 +122,22 @@ def _tensors(view: CheckpointView, expected) -> list[Reason]:
     if misrouted:
         out.append(_r(f"MoE layers {misrouted} hold the 2-bit code, but moe_w4_quant_end_layer={w4_end} dispatches "
                       "them to wint4", "quantization_config.moe_quant_config.moe_w4_quant_config", "dispatch"))
-    problems: dict[tuple[str, str], list[str]] = {}
+    problems: dict[tuple[str, str, str], list[str]] = {}  # (kind, fact, name pattern) -> examples
     for spec, key in expected:
         if ".mlp.experts." in spec.name and _layer(spec.name) in misrouted:
             continue  # already reported as one dispatch reason
-        got = present.get(spec.name)
+        got, pattern = present.get(spec.name), re.sub(r"\.\d+\.", ".#.", spec.name)
         if got is None:
-            problems.setdefault(_missing_kind(spec.name, present, key), []).append(spec.name)
+            problems.setdefault((*_missing_kind(spec.name, present, key), pattern), []).append(spec.name)
         elif got[0] != spec.dtype or tuple(got[1]) != tuple(spec.shape):
             what = f"{spec.name}: {_fmt(got)} where FastDeploy declares {_fmt((spec.dtype, spec.shape))}"
-            problems.setdefault(("mismatch", key), []).append(what)
+            problems.setdefault(("mismatch", key, pattern), []).append(what)
     if view.config.get("moe_use_aux_free") is not True:
         biases = sorted(n for n in present if n.endswith("moe_statics.e_score_correction_bias"))
         if biases:
             out.append(_r(f"{len(biases)} routing biases but moe_use_aux_free is not true: they would be dropped",
                           "config.json: moe_use_aux_free", "bias"))
-    for (kind, key), items in problems.items():
+    for (kind, key, _), items in problems.items():
         more = f" (and {len(items) - 1} more)" if len(items) > 1 else ""
         what = f"missing tensor {items[0]}{more}" if kind != "mismatch" else f"{items[0]}{more}"
         out.append(_r(what, items[0].split(":")[0], key))
