@@ -107,7 +107,7 @@ def _parse_size(text: str) -> int:
 @DEVICE
 @click.option("--max-shard-size", default="4GB", show_default=True)
 @click.option("--export", type=click.Choice(["quantkit", "fastdeploy"]), default="quantkit", show_default=True,
-              help="fastdeploy: routed experts in the 2-bit code are written with FastDeploy's fused up_gate_proj names")
+              help="fastdeploy: FastDeploy's wint2 checkpoint (Paddle format, ernie.* names, 2-bit-code experts, wint8 dense layers)")
 @click.option("--server", default=None, help="refuse (before any work) a plan this server could not load: "
               "vllm, fastdeploy, transformers or quantkit")
 @click.option("--tp", default=1, show_default=True, type=int, help="tensor-parallel size the --server check assumes")

@@ -27,7 +27,7 @@ from quantkit.model.safetensors_io import CheckpointReader
 
 # In memory ``experts.gate_proj`` (dense, 3-D) or ``experts.gate_proj.weight_packed`` (quantized, stacked);
 # on disk ``experts.{e}.gate_proj.weight`` / ``experts.{e}.gate_proj.weight_packed``.
-# The 2-bit code's FastDeploy layout adds ``experts.up_gate_proj.quant_weight`` (gate and up fused).
+# Earlier FastDeploy-style exports add ``experts.up_gate_proj.quant_weight`` (gate and up fused), still read.
 EXPERT_PARAM = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj|up_gate_proj)(?:\.(\w+))?$")
 # Checkpoint tensors that exist in some releases and that the model does not use.
 IGNORED_TENSORS = re.compile(r"(^|\.)mtp|rotary_emb\.inv_freq$")
@@ -101,6 +101,9 @@ def build_skeleton(config: ErnieMoeConfig, qconfig: dict | None, reader, where) 
     """The model on the meta device, with quantized modules swapped in where the checkpoint stores them.
     ``reader`` needs ``names()``, ``in`` and ``info(name).shape/.dtype`` (a ``CheckpointReader``, or the
     header-only view ``quantkit check`` uses)."""
+    if qconfig is not None and qconfig.get("quantization") == "wint2" and "quant_method" not in qconfig:
+        raise QuantkitError(f"{where}: a FastDeploy wint2 export (ernie.* names, Paddle layouts) is for FastDeploy; "
+                            "quantkit loads its own layout (quantize with --export quantkit)")
     if qconfig is not None and qconfig.get("quant_method") != "compressed-tensors":
         raise QuantkitError(f"{where}: quantization method {qconfig.get('quant_method')!r} is not supported "
                             "(quantkit reads compressed-tensors pack-quantized checkpoints)")

@@ -17,7 +17,7 @@ from quantkit.model.config import ErnieMoeConfig
 from quantkit.model.ernie import ErnieMoeForCausalLM
 from quantkit.model.loader import default_dtype, model_tensors
 from quantkit.pipeline.layer_quant import EXPERT_CHUNK
-from quantkit.quant.config import Recipe, make_plan
+from quantkit.quant.config import Recipe
 from quantkit.sources import resolve
 
 BASELINE_HOST_BYTES = 400 << 20
@@ -28,18 +28,16 @@ def _nbytes(t: torch.Tensor, dtype: torch.dtype) -> int:
 
 
 def dry_run(src: str, recipe: Recipe, options) -> dict:
-    from quantkit.pipeline.quantize import check_export, check_servers, output_specs
+    from quantkit.pipeline.quantize import check_servers, output_plan
     from quantkit.serving import SERVERS
 
     path = resolve(src)
     cfg = ErnieMoeConfig.from_dir(path)
-    plan = make_plan(cfg, recipe)
     with torch.device("meta"):
         skeleton = ErnieMoeForCausalLM(cfg)
     dtype = default_dtype(cfg)
-    fused = check_export(plan, options.export)
-    specs = output_specs(skeleton, cfg, plan, dtype, fused)
-    servers = check_servers(cfg, plan, specs, fused, SERVERS, options.tp)
+    plan, specs = output_plan(cfg, recipe, options.export, skeleton, dtype)
+    servers = check_servers(cfg, plan, specs, options.export, SERVERS, options.tp)
     out_bytes = sum(s.nbytes for s in specs)
     src_bytes = sum(_nbytes(t, torch.float32 if t.dtype == torch.float32 and "gate.weight" in n else dtype)
                     for n, t in model_tensors(skeleton))
@@ -47,7 +45,7 @@ def dry_run(src: str, recipe: Recipe, options) -> dict:
     compute = torch.float32 if calibrated else dtype
     layers = skeleton.model.layers
     layer_bytes = max(sum(_nbytes(t, compute) for _, t in model_tensors(l)) for l in layers)
-    quant_layer = max(sum(s.nbytes for s in specs if s.name.startswith(f"model.layers.{i}.")) for i in range(len(layers)))
+    quant_layer = max(sum(s.nbytes for s in specs if s.name.split(".", 1)[-1].startswith(f"layers.{i}.")) for i in range(len(layers)))
     hidden = hessians = gptq_ws = 0
     if calibrated:
         c = options.calib

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from quantkit import __version__
 from quantkit.errors import UsageError
 from quantkit.format import compressed_tensors as fmt
-from quantkit.format import wint2
+from quantkit.format import fastdeploy, wint2
 from quantkit.format.writer import CheckpointWriter, TensorSpec
 from quantkit.model.loader import FP32_PARAMS, Checkpoint, default_dtype, model_tensors, source_names, stream_layers
 from quantkit.calib.capture import EXPERT_CALIBRATION, capture_layer
@@ -63,7 +63,7 @@ class QuantizeOptions:
     force: bool = False
     progress: bool = True
     calib: CalibOptions = CalibOptions()
-    export: str = "quantkit"  # or "fastdeploy": experts in the 2-bit code get FastDeploy's fused up_gate_proj
+    export: str = "quantkit"  # or "fastdeploy": FastDeploy's wint2 checkpoint (quantkit.format.fastdeploy)
     server: str | None = None  # refuse a plan this server could not load (quantkit.serving), before any work
     tp: int = 1  # the tensor-parallel size the server check assumes
 
@@ -81,20 +81,6 @@ class QuantizeOptions:
 EXPORTS = ("quantkit", "fastdeploy")
 
 
-def check_export(plan: Plan, export: str) -> bool:
-    """Whether the plan is written in FastDeploy's fused layout; a clear error where it cannot be."""
-    if export != "fastdeploy":
-        return False
-    layers = sorted({int(e.module.split(".")[2]) for e in plan.entries if e.rule.format == "code2"})
-    if not layers:
-        raise UsageError("--export fastdeploy is for routed experts in the 2-bit code: use a w2code recipe")
-    try:
-        wint2.fastdeploy_keys(layers)
-    except ValueError as e:
-        raise UsageError(f"--export fastdeploy: {e}") from None
-    return True
-
-
 def refuse(server: str, reasons: list, tp: int = 1) -> None:
     """A UsageError (one line) when ``server`` could not load the planned output."""
     if reasons:
@@ -103,10 +89,10 @@ def refuse(server: str, reasons: list, tp: int = 1) -> None:
                          + reasons[0].line() + more)
 
 
-def entry_specs(entry: PlanEntry, dtype: torch.dtype, fused: bool) -> list[TensorSpec]:
+def entry_specs(entry: PlanEntry, dtype: torch.dtype) -> list[TensorSpec]:
     """On-disk tensors of one planned module (per expert for routed experts)."""
     if entry.rule.format == "code2":
-        return wint2.module_specs(entry.module, entry.shape, fused)
+        return wint2.module_specs(entry.module, entry.shape)
     n, k = entry.shape[-2:]
     return [s for prefix in fmt.expert_prefixes(entry.module, entry.shape[0] if entry.is_experts else 0)
             for s in fmt.linear_specs(prefix, n, k, entry.rule.bits, entry.group_size, entry.rule.symmetric, dtype)]
@@ -118,13 +104,13 @@ def planned_module(param: str, plan: Plan) -> PlanEntry | None:
     return plan.entry(module)
 
 
-def output_specs(skeleton, cfg, plan: Plan, dtype: torch.dtype, fused: bool = False) -> list[TensorSpec]:
+def output_specs(skeleton, cfg, plan: Plan, dtype: torch.dtype) -> list[TensorSpec]:
     """Every tensor of the output, in checkpoint order, with its dtype and shape (from the config alone)."""
     specs = []
     for name, t in model_tensors(skeleton):
         entry = planned_module(name, plan)
         if entry is not None:
-            specs += entry_specs(entry, dtype, fused)
+            specs += entry_specs(entry, dtype)
             continue
         out_dtype = torch.float32 if FP32_PARAMS.search(name) else dtype
         disk = source_names(name, cfg)
@@ -133,23 +119,34 @@ def output_specs(skeleton, cfg, plan: Plan, dtype: torch.dtype, fused: bool = Fa
     return specs
 
 
-def output_config(cfg, plan: Plan, fused: bool = False) -> dict:
-    """The output's config.json: the source's, with the ``quantization_config`` that describes the plan."""
+def output_plan(cfg, recipe: Recipe, export: str, skeleton, dtype: torch.dtype) -> tuple[Plan, list[TensorSpec]]:
+    """The plan and every output tensor of an export: quantkit's layout, or FastDeploy's
+    (``quantkit.format.fastdeploy``, which refuses what FastDeploy cannot express before any work)."""
+    if export == "fastdeploy":
+        plan = fastdeploy.plan(cfg, recipe)
+        return plan, fastdeploy.output_specs(cfg.raw, plan)
+    plan = make_plan(cfg, recipe)
+    return plan, output_specs(skeleton, cfg, plan, dtype)
+
+
+def output_config(cfg, plan: Plan, export: str = "quantkit") -> dict:
+    """The output's config.json: FastDeploy's for its export; else the source's with the compressed-tensors
+    ``quantization_config`` that describes the plan (and the 2-bit code's own block)."""
+    if export == "fastdeploy":
+        return fastdeploy.config_json(cfg.raw, plan)
     config = dict(cfg.raw)
-    config["quantization_config"] = qconfig = fmt.quantization_config(plan, fused)
+    config["quantization_config"] = qconfig = fmt.quantization_config(plan)
     code2_modules = [e.module for e in plan.entries if e.rule.format == "code2"]
     if code2_modules:
-        qconfig[wint2.CONFIG_KEY] = wint2.config_block(code2_modules, fused)
-    if fused:
-        qconfig.update(wint2.fastdeploy_keys(qconfig[wint2.CONFIG_KEY]["layers"]))
+        qconfig[wint2.CONFIG_KEY] = wint2.config_block(code2_modules)
     return config
 
 
-def check_servers(cfg, plan: Plan, specs: list[TensorSpec], fused: bool, servers, tp: int = 1) -> dict:
+def check_servers(cfg, plan: Plan, specs: list[TensorSpec], export: str, servers, tp: int = 1) -> dict:
     """What each server would say of the planned output (``quantkit.serving``), before any work."""
     from quantkit.serving import CheckpointView, check
 
-    view = CheckpointView.from_specs(output_config(cfg, plan, fused), specs)
+    view = CheckpointView.from_specs(output_config(cfg, plan, export), specs)
     return {s: check(view, s, tp) for s in servers}
 
 
@@ -166,12 +163,12 @@ class QuantizeRun:
         if self.ckpt.qconfig is not None:
             raise UsageError(f"{src} is already quantized; quantize the original checkpoint")
         self.cfg, self.dtype = self.ckpt.config, default_dtype(self.ckpt.config)
-        self.plan = make_plan(self.cfg, recipe)
-        self.fused = check_export(self.plan, options.export)
-        self.specs = output_specs(self.ckpt.skeleton, self.cfg, self.plan, self.dtype, self.fused)
+        self.fd = options.export == "fastdeploy"  # FastDeploy's layout: quantkit.format.fastdeploy owns it
+        self.plan, self.specs = output_plan(self.cfg, recipe, options.export, self.ckpt.skeleton, self.dtype)
         if options.server:
-            refuse(options.server, check_servers(self.cfg, self.plan, self.specs, self.fused, [options.server],
+            refuse(options.server, check_servers(self.cfg, self.plan, self.specs, options.export, [options.server],
                                                  options.tp)[options.server], options.tp)
+        self.scale_dtype = torch.bfloat16 if self.fd else self.dtype
         self.calibrated = any(e.rule.method != "rtn" for e in self.plan.entries)
         self.out = Path(out).expanduser().resolve()
         self.partial = self.out.parent / f".{self.out.name}.partial"
@@ -194,6 +191,10 @@ class QuantizeRun:
 
     def write_plain(self, name: str, t: torch.Tensor) -> None:
         self.state["total_weights"] += t.numel()
+        if self.fd:
+            for d, part in fastdeploy.plain_tensors(name, t).items():
+                self.writer.write(d, part)
+            return
         disk = source_names(name, self.cfg)
         for d, part in zip(disk, [t] if len(disk) == 1 else list(t)):
             spec = self.writer.shards.where[d][2]
@@ -214,7 +215,7 @@ class QuantizeRun:
                                 prob_weighted=c.prob_weighted)
             if any("awq" in e.rule.method for e in entries):
                 awq_alphas = apply_awq(layer, cap, {e.module[len(prefix) + 1:]: e for e in entries})
-        res = quantize_layer(layer, prefix, entries, cap, scale_dtype=self.dtype, min_expert_tokens=c.min_expert_tokens,
+        res = quantize_layer(layer, prefix, entries, cap, scale_dtype=self.scale_dtype, min_expert_tokens=c.min_expert_tokens,
                              expert_calibration=c.expert_calibration)
         for name, t in model_tensors(layer):
             full = f"{prefix}.{name}"
@@ -225,9 +226,10 @@ class QuantizeRun:
             self.state["total_weights"] += t.numel()
             self.state["quantized_weights"] += t.numel()
             rel = entry.module[len(prefix) + 1:]
-            if entry.rule.format == "code2":
-                up = res.qtensors.get(rel.replace("gate_proj", "up_proj")) if self.fused and rel.endswith("gate_proj") else None
-                tensors = wint2.module_tensors(entry.module, res.qtensors[rel], self.fused, up)
+            if self.fd:
+                tensors = fastdeploy.module_tensors(entry.module, res.qtensors, prefix)
+            elif entry.rule.format == "code2":
+                tensors = wint2.module_tensors(entry.module, res.qtensors[rel])
             else:
                 tensors = fmt.module_tensors(entry.module, res.qtensors[rel])
             for k, v in tensors.items():
@@ -249,17 +251,17 @@ class QuantizeRun:
         w = self.writer
         shards = w.shards.close()
         resume.clear_state(self.partial)
-        w.write_json("config.json", output_config(self.cfg, self.plan, self.fused))
+        w.write_json("config.json", output_config(self.cfg, self.plan, self.opt.export))
         copied = w.copy_small_files(self.path)
         plan_rows = [{"module": e.module, "shape": list(e.shape), "rule": e.rule.label, "method": e.rule.method,
                       "group_size": e.group_size, "note": e.note} for e in self.plan.entries]
         w.write_json(fmt.METADATA_FILE, {
-            "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "quantkit_version": __version__,
+            "format": fastdeploy.FORMAT_NAME if self.fd else fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "quantkit_version": __version__,
             "recipe": self.plan.recipe.to_dict(), "plan": plan_rows, "unquantized": list(self.plan.unquantized), "shards": shards})
         parts: dict[str, list[int]] = {}  # rule label -> [bytes, weights]
         for e in self.plan.entries:
             acc = parts.setdefault(e.rule.label + (" (routed experts)" if e.is_experts else ""), [0, 0])
-            acc[0] += sum(s.nbytes for s in entry_specs(e, self.dtype, self.fused))
+            acc[0] += fastdeploy.entry_bytes(e) if self.fd else sum(s.nbytes for s in entry_specs(e, self.dtype))
             acc[1] += math.prod(e.shape)
         quantized_bytes = sum(b for b, _ in parts.values())
         st = self.state
