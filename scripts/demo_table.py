@@ -5,25 +5,25 @@ import json
 import sys
 from pathlib import Path
 
+from quantkit.inspect import inspect_checkpoint
+
 
 def main() -> None:
     out, source, *names = sys.argv[1:]
     out = Path(out)
     base = json.loads((out / f"{source}.json").read_text())
     rows = [("model", "perplexity", "vs source", "size on disk", "bits/weight (quantized part / overall)")]
-    size0 = None
     for name in [source, *names]:
         ppl = json.loads((out / f"{name}.json").read_text())["perplexity"]
         report = out / name / "quantize_report.json"
         if report.is_file():
             r = json.loads(report.read_text())
-            size0 = r["source_size_bytes"]
             rows.append((name, f"{ppl:.2f}", f"{ppl / base['perplexity']:.3f}x", f"{r['size_bytes'] / 1e6:.1f} MB",
                          f"{r['bits_per_weight_quantized']:.2f} / {r['bits_per_weight_overall']:.2f}"))
         else:
-            rows.append((f"{name} ({base['model']})", f"{ppl:.2f}", "1.000x", "", "16 (bf16)"))
-    if size0:
-        rows[1] = (*rows[1][:3], f"{size0 / 1e6:.1f} MB", rows[1][4])
+            r = inspect_checkpoint(base["model"])
+            rows.append((f"{name} ({base['model']})", f"{ppl:.2f}", "1.000x", f"{r['tensor_bytes'] / 1e6:.1f} MB",
+                         f"{r['bits_per_weight']:.2f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print(f"perplexity on {base['data']}: {base['tokens']} predicted tokens ({base['windows']} windows x {base['seq_len']})")
     for i, r in enumerate(rows):
