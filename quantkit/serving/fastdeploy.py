@@ -118,10 +118,14 @@ def _tensors(view: CheckpointView, expected) -> list[Reason]:
     out = []
     w4_end = fd.w4_end_layer(view.qconfig)
     coded = sorted({_layer(n) for n in present if n.endswith(".super_scales") and ".mlp.experts." in n} - {None})
-    misrouted = [i for i in coded if i <= w4_end]
-    if misrouted:
-        out.append(_r(f"MoE layers {misrouted} hold the 2-bit code, but moe_w4_quant_end_layer={w4_end} dispatches "
-                      "them to wint4", "quantization_config.moe_quant_config.moe_w4_quant_config", "dispatch"))
+    experts = {_layer(n) for n in present if re.search(r"\.mlp\.experts\.\d+\.up_gate_proj\.quant_weight$", n)}
+    wint4 = sorted(experts - set(coded) - {None})
+    misrouted = [i for i in coded if i <= w4_end] + [i for i in wint4 if i > w4_end]
+    for layers, held, goes in (([i for i in coded if i <= w4_end], "the 2-bit code", "wint4"),
+                               ([i for i in wint4 if i > w4_end], "wint4 experts", "the 2-bit code")):
+        if layers:
+            out.append(_r(f"MoE layers {layers} hold {held}, but moe_w4_quant_end_layer={w4_end} dispatches them to "
+                          f"{goes}", "quantization_config.moe_quant_config.moe_w4_quant_config", "dispatch"))
     problems: dict[tuple[str, str, str], list[str]] = {}  # (kind, fact, name pattern) -> examples
     for spec, key in expected:
         if ".mlp.experts." in spec.name and _layer(spec.name) in misrouted:
