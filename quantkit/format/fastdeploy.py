@@ -22,7 +22,8 @@ The layout FastDeploy reads (Paddle format, ``is_quantized``, L = layer, e = exp
                      weight_scale [N]}                      wint4 experts, MoE layers <= moe_w4_quant_end_layer
 
 quantkit writes w4 experts up to a layer and the 2-bit code from there to the last MoE layer, int parts
-as per-channel RTN at FastDeploy's bits; ``plan`` refuses what this layout cannot express.
+as per-channel RTN at FastDeploy's bits (bytes: ``quantkit.format.paddle_layouts``); ``plan`` refuses what
+this layout cannot express, before any work.
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ FACTS = {  # key -> (what FastDeploy does, where it was read)
                   FD + "model_executor/layers/quantization/__init__.py::parse_quant_config"),
     "is_quantized": ("is_quantized (inferred true when absent) makes every linear read quant_weight + weight_scale",
                      FD + "model_executor/layers/linear.py::LinearBase.__init__"),
-    "dense": ("wint2 hands non-MoE linears to dense_quant_type (default wint8): int8 quant_weight [N, K] "
-              "(weight_shape reversed), per-channel weight_scale [N] in the model dtype",
+    "dense": ("wint2 hands non-MoE linears to dense_quant_type (default wint8; older revisions read the key "
+              "dense_quant_config, same default): int8 quant_weight [N, K] (weight_shape reversed), per-channel "
+              "weight_scale [N] in the model dtype",
               FD + "model_executor/layers/quantization/weight_only.py::WeightOnlyLinearMethod.create_weights"),
     "dense_layout": ("prequantized wint8 is set as stored, so it must be Paddle weight_quantize's sm75-sm90 layout "
                      "(uint8 q+128, k permuted within 16, 64-input chunks of row pairs interleaved)",
@@ -174,7 +176,7 @@ def expected_tensors(config: dict) -> list[tuple[TensorSpec, str]]:
                         (TensorSpec(f"{q}.{wint2.SUPER_SCALES}", dt, (n,)), "code2"),
                         (TensorSpec(f"{q}.{wint2.CODE_SCALE}", torch.float32, (n,)), "code2"),
                         (TensorSpec(f"{q}.{wint2.CODE_ZP}", torch.float32, (n,)), "code2")]
-    if not c.tie_word_embeddings:
+    if not c.tie_word_embeddings:  # ParallelLMHead's Paddle [in, out]: unverified here (the export refuses untied models)
         out.append((TensorSpec("lm_head.weight", dt, (H, c.vocab_size)), "names"))
     return out
 

@@ -311,7 +311,7 @@ def format_summary(r: dict) -> str:
     for f in r["fallbacks"][:5]:
         lines.append(f"  note: {f['module']}: {f['note']}")
     if len(r["fallbacks"]) > 5:
-        lines.append(f"  note: {len(r['fallbacks']) - 5} more group-size fallbacks (see {REPORT_FILE})")
+        lines.append(f"  note: {len(r['fallbacks']) - 5} more notes (see {REPORT_FILE})")
     return "\n".join(lines)
 
 

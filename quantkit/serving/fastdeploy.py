@@ -19,7 +19,8 @@ from quantkit.serving import CheckpointView, Reason
 
 VERSIONS = ("FastDeploy develop as stored 2025-26: layers/quantization/wint2.py @bc59992f, "
             "layers/moe/fused_moe_wint2_backend.py @df459439, layers/quantization/weight_only.py @eba1d6ba, "
-            "layers/quantization/__init__.py @013ec981, models/ernie4_5_moe.py @0007e412; "
+            "layers/quantization/__init__.py @013ec981, models/ernie4_5_moe.py @0007e412, config.py, layers/linear.py, "
+            "layers/moe/moe.py, layers/moe/fused_moe_cutlass_backend.py, model_executor/utils.py, load_weight_utils.py; "
             "Paddle weight_quantize_kernel_gpu_impl.h @2c8abd87")
 NOT_COVERED = "quantkit's FastDeploy rules cover the offline wint2 checkpoint (dense wint8, MoE w4w2) only"
 ARCH = "Ernie4_5_MoeForCausalLM"
