@@ -195,13 +195,26 @@ def test_w4_experts_then_the_code(src, tmp_path):
     assert ((deq - w).norm() / w.norm()).item() < 0.2  # 4-bit per channel on Gaussian weights
     assert "ernie.layers.2.mlp.experts.5.up_gate_proj.super_scales" in f.names()
     notes = {r["module"].split(".")[2] + ":" + r["note"] for r in rep["fallbacks"] if ".experts." in r["module"]}
-    assert notes == {"1:--export fastdeploy: wint4 per-channel RTN (FastDeploy's moe_w4_quant_config) instead of w4g128-sym"}
+    assert notes == {"1:--export fastdeploy: wint4 per-channel (FastDeploy's moe_w4_quant_config) instead of w4g128-sym"}
 
 
 def test_dense_rule_is_replaced_and_said(outs):
     notes = {r["note"] for r in outs["fastdeploy"][1]["fallbacks"]}
-    assert notes == {"--export fastdeploy: wint8 per-channel RTN (FastDeploy's dense_quant_type) instead of w4g128-sym"}
+    assert notes == {"--export fastdeploy: wint8 per-channel (FastDeploy's dense_quant_type) instead of w4g128-sym"}
     assert set(outs["fastdeploy"][1]["bits_per_weight_parts"]) == {"w2code (routed experts)", "w8ch-sym"}
+
+
+def test_replaced_rules_keep_the_method():
+    from quantkit.model.config import ErnieMoeConfig
+    from quantkit.sources.random_models import hf_config
+
+    cfg = ErnieMoeConfig.from_dict(hf_config(DIMS, "float32"))
+    p = fd.plan(cfg, get_recipe("w2code").with_method("gptq"))
+    assert {(e.rule.label, e.rule.method) for e in p.entries} == {("w2code", "gptq"), ("w8ch-sym", "gptq")}
+    w4 = layer_range_recipe("w4w2", [(1, 1, W4), (2, 2, CODE2)], rest=Rule(bits=8, group_size=None, method="awq"))
+    p = fd.plan(cfg, w4)  # awq+w8ch dense is already per-channel w8: kept; w4g128 experts become w4ch
+    rules = {(e.module.split(".")[2], e.is_experts, e.rule.label, e.rule.method, bool(e.note)) for e in p.entries}
+    assert ("1", True, "w4ch-sym", "rtn", True) in rules and ("0", False, "w8ch-sym", "awq", False) in rules
 
 
 INEXPRESSIBLE = {

@@ -22,7 +22,7 @@ The layout FastDeploy reads (Paddle format, ``is_quantized``, L = layer, e = exp
                      weight_scale [N]}                      wint4 experts, MoE layers <= moe_w4_quant_end_layer
 
 quantkit writes w4 experts up to a layer and the 2-bit code from there to the last MoE layer, int parts
-as per-channel RTN at FastDeploy's bits (bytes: ``quantkit.format.paddle_layouts``); ``plan`` refuses what
+per-channel at FastDeploy's bits (bytes: ``quantkit.format.paddle_layouts``); ``plan`` refuses what
 this layout cannot express, before any work.
 """
 
@@ -210,14 +210,16 @@ def _per_channel(rules: set, bits: int, default: Rule) -> tuple[Rule, str | None
     only = next(iter(rules)) if len(rules) == 1 else None
     if only is not None and (only.bits, only.group_size, only.symmetric) == (bits, None, True):
         return only, None
-    return default, ", ".join(sorted("unquantized" if r is None else r.label for r in rules))
+    methods = {r.method for r in rules if r is not None}
+    method = methods.pop() if len(methods) == 1 and methods <= {"rtn", "gptq"} else "rtn"  # GPTQ stays GPTQ
+    return replace(default, method=method), ", ".join(sorted("unquantized" if r is None else r.label for r in rules))
 
 
 def plan(cfg: ErnieMoeConfig, recipe: Recipe) -> Plan:
     """The plan of a FastDeploy export, or a UsageError before any work. FastDeploy's dispatch allows routed
     experts at w4 (wint4 per-channel) up to a layer and in the 2-bit code from there to the last MoE layer;
-    dense linears are wint8 per-channel. Int rules are replaced by per-channel RTN at FastDeploy's bits
-    unless the recipe already says w4 / w8 per-channel symmetric; the plan entries' notes say so."""
+    dense linears are wint8 per-channel. Int rules are replaced by per-channel symmetric ones at FastDeploy's
+    bits (same method if rtn or gptq, else rtn) unless the recipe already says so; the entries' notes say so."""
     check_model(cfg)
     recipe = resolve_recipe(recipe, cfg)
     by_layer: dict[int, set] = {}
@@ -247,8 +249,8 @@ def plan(cfg: ErnieMoeConfig, recipe: Recipe) -> Plan:
     def noted(e):
         if e.rule.format == "code2":
             return e
-        was, what = (was4, "wint4 per-channel RTN (FastDeploy's moe_w4_quant_config)") if e.is_experts else \
-            (was8, "wint8 per-channel RTN (FastDeploy's dense_quant_type)")
+        was, what = (was4, "wint4 per-channel (FastDeploy's moe_w4_quant_config)") if e.is_experts else \
+            (was8, "wint8 per-channel (FastDeploy's dense_quant_type)")
         return e if was is None else replace(e, note=f"--export fastdeploy: {what} instead of {was}")
 
     return replace(p, entries=tuple(map(noted, p.entries)))
