@@ -261,7 +261,7 @@ class QuantizeRun:
         if saved is None and self.partial.exists():
             shutil.rmtree(self.partial)  # a stale partial of another (or an unresumed) run
         with CheckpointWriter(self.out, self.specs, max_shard_bytes=self.opt.max_shard_bytes, force=self.opt.force,
-                              metadata={"quantkit_format": fmt.FORMAT_NAME}, partial=self.partial,
+                              metadata={"quantkit_format": fastdeploy.FORMAT_NAME if self.fd else fmt.FORMAT_NAME}, partial=self.partial,
                               reuse=saved is not None) as self.writer:
             if self.calibrated:
                 self.cos, self.sin = (t.to(self.opt.device) for t in self.ckpt.skeleton.rope(0, self.opt.calib.seq_len, "cpu"))
