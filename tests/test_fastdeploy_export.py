@@ -16,6 +16,7 @@ import torch
 import quantkit
 from quantkit.errors import QuantkitError, UsageError
 from quantkit.format import fastdeploy as fd
+from quantkit.format import paddle_layouts as pl
 from quantkit.format import wint2
 from quantkit.model.safetensors_io import CheckpointReader
 from quantkit.pipeline.quantize import QuantizeOptions, quantize
@@ -134,7 +135,7 @@ def test_dense_wint8_dequantizes_to_the_source(src, outs):
     s, f = CheckpointReader(src), CheckpointReader(outs["fastdeploy"][0])
     w = torch.cat([s.read(f"model.layers.1.self_attn.{p}_proj.weight") for p in "qkv"])  # q, k, v along N
     stored = f.read("ernie.layers.1.self_attn.qkv_proj.quant_weight")
-    codes = fd.wint8_codes(stored)
+    codes = pl.wint8_codes(stored)
     deq = codes.float() * f.read("ernie.layers.1.self_attn.qkv_proj.weight_scale").float()[:, None]
     assert ((deq - w).norm() / w.norm()).item() < 0.01
     assert not torch.equal(stored.view(torch.uint8), (codes.to(torch.int16) + 128).to(torch.uint8))  # permuted
@@ -150,18 +151,70 @@ def test_wint8_layout_positions():
     for (r, c), pos in cases.items():
         codes = torch.zeros(n, k, dtype=torch.int8)
         codes[r, c] = -128
-        flat = fd.wint8_layout(codes).view(torch.uint8).reshape(-1)
+        flat = pl.wint8_layout(codes).view(torch.uint8).reshape(-1)
         assert flat[pos] == 0 and int((flat != 128).sum()) == 1, (r, c)
     x = torch.randint(-128, 128, (6, 192), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(fd.wint8_codes(fd.wint8_layout(x)), x)
+    assert torch.equal(pl.wint8_codes(pl.wint8_layout(x)), x)
     with pytest.raises(ValueError, match="K % 64"):
-        fd.wint8_layout(torch.zeros(2, 96, dtype=torch.int8))
+        pl.wint8_layout(torch.zeros(2, 96, dtype=torch.int8))
+
+
+def test_wint4_layout_positions():
+    """Positions from Paddle's per_channel_quant_gpu_int4_col_pack (inputs 2j, 2j+1 in the low, high nibble of
+    byte j), weight_permute_kernel_wint4 (byte j of a 16-byte block to 4*(j%4) + 2*((j%8)//4) + (j%16)//8,
+    32-byte chunks of 4 rows interleaved in 2K bytes) and weight_interval_kernel_wint4 (in every 4 bytes the
+    nibbles regrouped lo0|lo2, lo1|lo3, hi0|hi2, hi1|hi3, each + 8), worked by hand; nibble index = 2*byte + hi."""
+    cases = {(4, 64, 0, 0): 0, (4, 64, 0, 1): 4, (4, 64, 0, 2): 8, (4, 64, 0, 8): 1, (4, 64, 0, 16): 2,
+             (4, 64, 1, 0): 64, (4, 128, 0, 64): 256, (8, 128, 4, 0): 512}
+    for (n, k, r, c), pos in cases.items():
+        codes = torch.zeros(n, k, dtype=torch.int8)
+        codes[r, c] = -8
+        b = pl.wint4_layout(codes).view(torch.uint8).reshape(-1)
+        nibbles = torch.stack([b & 0xF, b >> 4], 1).reshape(-1)
+        assert b.numel() == n * k // 2 and nibbles[pos] == 0 and int((nibbles != 8).sum()) == 1, (r, c)
+    x = torch.randint(-8, 8, (8, 192), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(pl.wint4_codes(pl.wint4_layout(x)), x)
+
+
+def test_w4_experts_then_the_code(src, tmp_path):
+    """w4 experts in MoE layer 1, the code in layer 2: FastDeploy's wint4 for layer 1 (layer_idx <= end 1)."""
+    out = tmp_path / "w4w2"
+    rep = quantize(str(src), out, layer_range_recipe("w4w2", [(1, 1, W4), (2, 2, CODE2)]),
+                   QuantizeOptions(progress=False, export="fastdeploy"))
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]["moe_quant_config"]
+    assert qc["moe_w4_quant_config"]["quant_end_layer"] == 1 and qc["moe_w2_quant_config"]["quant_start_layer"] == 2
+    f, s = CheckpointReader(out), CheckpointReader(src)
+    # fused_moe_cutlass_backend.py::CutlassWeightOnlyMoEMethod.create_weights (weight_only_int4): up_gate
+    # [moe_intermediate_size, hidden], down [hidden // 2, moe_intermediate_size], scales [2I] / [H]
+    p = "ernie.layers.1.mlp.experts.5"
+    shapes = {n: (f.info(n).dtype, list(f.info(n).shape)) for n in f.names() if n.startswith(p + ".")}
+    assert shapes == {f"{p}.up_gate_proj.quant_weight": (torch.int8, [I, H]), f"{p}.up_gate_proj.weight_scale": (torch.bfloat16, [2 * I]),
+                      f"{p}.down_proj.quant_weight": (torch.int8, [H // 2, I]), f"{p}.down_proj.weight_scale": (torch.bfloat16, [H])}
+    w = torch.cat([s.read(f"model.layers.1.mlp.experts.5.{x}_proj.weight") for x in ("gate", "up")])
+    deq = pl.wint4_codes(f.read(f"{p}.up_gate_proj.quant_weight")).float() * f.read(f"{p}.up_gate_proj.weight_scale").float()[:, None]
+    assert ((deq - w).norm() / w.norm()).item() < 0.2  # 4-bit per channel on Gaussian weights
+    assert "ernie.layers.2.mlp.experts.5.up_gate_proj.super_scales" in f.names()
+    notes = {r["module"].split(".")[2] + ":" + r["note"] for r in rep["fallbacks"] if ".experts." in r["module"]}
+    assert notes == {"1:--export fastdeploy: wint4 per-channel (FastDeploy's moe_w4_quant_config) instead of w4g128-sym"}
 
 
 def test_dense_rule_is_replaced_and_said(outs):
     notes = {r["note"] for r in outs["fastdeploy"][1]["fallbacks"]}
-    assert notes == {"--export fastdeploy: wint8 per-channel RTN (FastDeploy's dense_quant_type) instead of w4g128-sym"}
+    assert notes == {"--export fastdeploy: wint8 per-channel (FastDeploy's dense_quant_type) instead of w4g128-sym"}
     assert set(outs["fastdeploy"][1]["bits_per_weight_parts"]) == {"w2code (routed experts)", "w8ch-sym"}
+
+
+def test_replaced_rules_keep_the_method():
+    from quantkit.model.config import ErnieMoeConfig
+    from quantkit.sources.random_models import hf_config
+
+    cfg = ErnieMoeConfig.from_dict(hf_config(DIMS, "float32"))
+    p = fd.plan(cfg, get_recipe("w2code").with_method("gptq"))
+    assert {(e.rule.label, e.rule.method) for e in p.entries} == {("w2code", "gptq"), ("w8ch-sym", "gptq")}
+    w4 = layer_range_recipe("w4w2", [(1, 1, W4), (2, 2, CODE2)], rest=Rule(bits=8, group_size=None, method="awq"))
+    p = fd.plan(cfg, w4)  # awq+w8ch dense is already per-channel w8: kept; w4g128 experts become w4ch
+    rules = {(e.module.split(".")[2], e.is_experts, e.rule.label, e.rule.method, bool(e.note)) for e in p.entries}
+    assert ("1", True, "w4ch-sym", "rtn", True) in rules and ("0", False, "w8ch-sym", "awq", False) in rules
 
 
 INEXPRESSIBLE = {
@@ -169,7 +222,7 @@ INEXPRESSIBLE = {
     "w2g64-experts": get_recipe("w2g64-experts"),  # int2 experts
     "w4g128": get_recipe("w4g128"),  # no 2-bit code at all
     "w2-not-to-last": layer_range_recipe("mid", [(1, 1, CODE2)], rest=W4),
-    "w4-then-w2": layer_range_recipe("w4w2", [(1, 1, W4), (2, 2, CODE2)], rest=W4),
+    "w2-then-w4": layer_range_recipe("w2w4", [(1, 1, CODE2), (2, 2, W4)], rest=W4),
     "int3-experts": layer_range_recipe("i3", [(1, 2, Rule(bits=3, group_size=128, symmetric=False))]),
 }
 

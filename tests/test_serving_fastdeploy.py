@@ -10,7 +10,7 @@ import torch
 from quantkit.format import fastdeploy as fd
 from quantkit.model.config import ErnieMoeConfig
 from quantkit.pipeline.quantize import QuantizeOptions, quantize
-from quantkit.quant.config import get_recipe
+from quantkit.quant.config import CODE2, W4, get_recipe, layer_range_recipe
 from quantkit.serving import CheckpointView, check
 from quantkit.serving import fastdeploy as rules
 from quantkit.sources.random_models import ERNIE_TINY, hf_config, write_random_checkpoint
@@ -99,6 +99,18 @@ def test_dispatch_default_w4_end_layer_claims_the_coded_layers():
     (r,) = check(mutated(lambda c, t: c["quantization_config"]["moe_quant_config"]["moe_w4_quant_config"].update(
         quant_end_layer=1)), "fastdeploy")
     assert "layers [1]" in r.what
+
+
+def test_dispatch_of_wint4_experts_past_the_end_layer():
+    """A w4/w2 export (wint4 experts in layer 1) read with moe_w4_quant_end_layer 0: layer 1 goes to wint2."""
+    cfg = ErnieMoeConfig.from_dict(hf_config(DIMS, "float32"))
+    config = fd.config_json(cfg.raw, fd.plan(cfg, layer_range_recipe("w4w2", [(1, 1, W4), (2, 2, CODE2)])))
+    view = CheckpointView(config, {s.name: (s.dtype, tuple(s.shape)) for s, _ in fd.expected_tensors(config)})
+    assert check(view, "fastdeploy") == []
+    config["quantization_config"]["moe_quant_config"]["moe_w4_quant_config"]["quant_end_layer"] = 0
+    (r,) = check(view, "fastdeploy")
+    assert r.what == "MoE layers [1] hold wint4 experts, but moe_w4_quant_end_layer=0 dispatches them to the 2-bit code"
+    assert "layers/quantization/wint2.py::WINT2Config.from_config, get_quant_method" in r.source
 
 
 def test_router_in_hf_layout_is_refused():

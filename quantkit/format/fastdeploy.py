@@ -18,8 +18,12 @@ The layout FastDeploy reads (Paddle format, ``is_quantized``, L = layer, e = exp
     ernie.layers.L.mlp.experts.e.{up_gate_proj (gate|up), down_proj}.{quant_weight, weight_scale,
                      super_scales, code_scale, code_zp}     the 2-bit code, weight_scale rows = K // 128
 
-quantkit writes the 2-bit code in every MoE layer (FastDeploy's wint4 expert layers are not written) and
-the dense linears as wint8 per-channel RTN; ``plan`` refuses what this layout cannot express.
+    ernie.layers.L.mlp.experts.e.{up_gate_proj, down_proj}.{quant_weight int8 [N/2, K] (``wint4_layout``),
+                     weight_scale [N]}                      wint4 experts, MoE layers <= moe_w4_quant_end_layer
+
+quantkit writes w4 experts up to a layer and the 2-bit code from there to the last MoE layer, int parts
+per-channel at FastDeploy's bits (bytes: ``quantkit.format.paddle_layouts``); ``plan`` refuses what
+this layout cannot express, before any work.
 """
 
 from __future__ import annotations
@@ -30,10 +34,11 @@ import torch
 
 from quantkit.errors import UsageError
 from quantkit.format import wint2
+from quantkit.format.paddle_layouts import wint4_layout, wint8_layout
 from quantkit.format.writer import TensorSpec
 from quantkit.model.config import ErnieMoeConfig
 from quantkit.quant.config import ROUTED, Plan, Recipe, Rule, candidate_modules, make_plan, resolve_recipe
-from quantkit.quant.qtensor import Code2Tensor, QTensor
+from quantkit.quant.qtensor import QTensor
 
 FORMAT_NAME = "fastdeploy/wint2"
 PREFIX = "ernie"
@@ -41,8 +46,9 @@ QUANT_WEIGHT, WEIGHT_SCALE = "quant_weight", "weight_scale"
 SCALE_ROW_INPUTS = 128  # the 2-bit code's weight_scale rows = K // 128
 DENSE_TYPE, W4_DEFAULT_END = "wint8", 6
 MODEL_DTYPE = "bfloat16"  # the code's super_scales are bf16 and FastDeploy makes them in the model dtype
-W8 = Rule(bits=8, group_size=None, symmetric=True, method="rtn")
-NEAREST = "w2code (every MoE layer's routed experts in the 2-bit code)"
+W8 = Rule(bits=8, group_size=None, symmetric=True, method="rtn")  # what FastDeploy's wint8 / wint4 read
+W4 = Rule(bits=4, group_size=None, symmetric=True, method="rtn")
+NEAREST = "w2code (every MoE layer's routed experts in the 2-bit code), or w4 experts up to a layer and the code after"
 
 FD = "PaddlePaddle/FastDeploy fastdeploy/"
 FACTS = {  # key -> (what FastDeploy does, where it was read)
@@ -54,8 +60,9 @@ FACTS = {  # key -> (what FastDeploy does, where it was read)
                   FD + "model_executor/layers/quantization/__init__.py::parse_quant_config"),
     "is_quantized": ("is_quantized (inferred true when absent) makes every linear read quant_weight + weight_scale",
                      FD + "model_executor/layers/linear.py::LinearBase.__init__"),
-    "dense": ("wint2 hands non-MoE linears to dense_quant_type (default wint8): int8 quant_weight [N, K] "
-              "(weight_shape reversed), per-channel weight_scale [N] in the model dtype",
+    "dense": ("wint2 hands non-MoE linears to dense_quant_type (default wint8; older revisions read the key "
+              "dense_quant_config, same default): int8 quant_weight [N, K] (weight_shape reversed), per-channel "
+              "weight_scale [N] in the model dtype",
               FD + "model_executor/layers/quantization/weight_only.py::WeightOnlyLinearMethod.create_weights"),
     "dense_layout": ("prequantized wint8 is set as stored, so it must be Paddle weight_quantize's sm75-sm90 layout "
                      "(uint8 q+128, k permuted within 16, 64-input chunks of row pairs interleaved)",
@@ -120,40 +127,6 @@ def fused_prefix(module: str) -> str:
     return disk_name(f"{stem}.{FUSED[lead][0]}" if lead else module)
 
 
-# -- the wint8 dense layout (Paddle weight_quantize, sm75-sm90) ----------------------------------------
-
-def _pair_offsets(k: int) -> torch.Tensor:
-    """Where code (r, k) of a row pair (rows 2j + r) goes inside the pair's 2K stored bytes: inside each
-    16-input block input i moves to 2*(i % 8) + i // 8, then 64-input chunks of the two rows alternate."""
-    kk = torch.arange(k)
-    pk = kk // 16 * 16 + 2 * (kk % 8) + (kk % 16) // 8
-    base = pk % 64 + pk // 64 * 128
-    return torch.cat([base, base + 64])
-
-
-def _check_wint8(n: int, k: int) -> None:
-    if k % 64 or n % 2:
-        raise ValueError(f"the wint8 layout needs K % 64 == 0 and an even N, got N={n}, K={k}")
-
-
-def wint8_layout(codes: torch.Tensor) -> torch.Tensor:
-    """Signed int8 codes [N, K] (quantkit's orientation) -> FastDeploy's stored int8 [N, K] (bytes q + 128)."""
-    n, k = codes.shape
-    _check_wint8(n, k)
-    src = (codes.to(torch.int16) + 128).to(torch.uint8).reshape(n // 2, 2 * k)
-    out = torch.empty_like(src)
-    out[:, _pair_offsets(k)] = src
-    return out.view(torch.int8).reshape(n, k)
-
-
-def wint8_codes(stored: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``wint8_layout``: stored int8 [N, K] -> signed int8 codes [N, K]."""
-    n, k = stored.shape
-    _check_wint8(n, k)
-    u = stored.contiguous().view(torch.uint8).reshape(n // 2, 2 * k)[:, _pair_offsets(k)]
-    return (u.to(torch.int16) - 128).to(torch.int8).reshape(n, k)
-
-
 # -- what FastDeploy's create_weights declares, from a config.json ----------------------------------------
 
 def w4_end_layer(qconfig: dict) -> int:
@@ -203,7 +176,7 @@ def expected_tensors(config: dict) -> list[tuple[TensorSpec, str]]:
                         (TensorSpec(f"{q}.{wint2.SUPER_SCALES}", dt, (n,)), "code2"),
                         (TensorSpec(f"{q}.{wint2.CODE_SCALE}", torch.float32, (n,)), "code2"),
                         (TensorSpec(f"{q}.{wint2.CODE_ZP}", torch.float32, (n,)), "code2")]
-    if not c.tie_word_embeddings:
+    if not c.tie_word_embeddings:  # ParallelLMHead's Paddle [in, out]: unverified here (the export refuses untied models)
         out.append((TensorSpec("lm_head.weight", dt, (H, c.vocab_size)), "names"))
     return out
 
@@ -231,41 +204,56 @@ def check_model(cfg: ErnieMoeConfig) -> None:
         raise UsageError("--export fastdeploy: an untied lm_head is not written (its Paddle layout is unverified here)")
 
 
+def _per_channel(rules: set, bits: int, default: Rule) -> tuple[Rule, str | None]:
+    """The per-channel symmetric rule FastDeploy's wint<bits> reads: the recipe's if it is one, else ``default``
+    and the labels of the rules it replaces."""
+    only = next(iter(rules)) if len(rules) == 1 else None
+    if only is not None and (only.bits, only.group_size, only.symmetric) == (bits, None, True):
+        return only, None
+    methods = {r.method for r in rules if r is not None}
+    method = methods.pop() if len(methods) == 1 and methods <= {"rtn", "gptq"} else "rtn"  # GPTQ stays GPTQ
+    return replace(default, method=method), ", ".join(sorted("unquantized" if r is None else r.label for r in rules))
+
+
 def plan(cfg: ErnieMoeConfig, recipe: Recipe) -> Plan:
-    """The plan of a FastDeploy export, or a UsageError before any work: routed experts of every MoE layer in
-    the 2-bit code (one rule for all), every other linear wint8 per-channel (the recipe's rule is replaced
-    unless it already is w8 per-channel symmetric; the plan entry's note says so)."""
+    """The plan of a FastDeploy export, or a UsageError before any work. FastDeploy's dispatch allows routed
+    experts at w4 (wint4 per-channel) up to a layer and in the 2-bit code from there to the last MoE layer;
+    dense linears are wint8 per-channel. Int rules are replaced by per-channel symmetric ones at FastDeploy's
+    bits (same method if rtn or gptq, else rtn) unless the recipe already says so; the entries' notes say so."""
     check_model(cfg)
     recipe = resolve_recipe(recipe, cfg)
-    expert_rules = {m: recipe.rule_for(m) for m, shape in candidate_modules(cfg) if len(shape) == 3}
-    code2_layers = sorted({int(m.split(".")[2]) for m, r in expert_rules.items() if r is not None and r.format == "code2"})
-    others = sorted({(int(m.split(".")[2]), "unquantized" if r is None else r.label)
-                     for m, r in expert_rules.items() if r is None or r.format != "code2"})
-    if not code2_layers:
+    by_layer: dict[int, set] = {}
+    for m, shape in candidate_modules(cfg):
+        if len(shape) == 3:
+            by_layer.setdefault(int(m.split(".")[2]), set()).add(recipe.rule_for(m))
+    moe = cfg.moe_layers
+    coded = [i for i in moe if all(r is not None and r.format == "code2" for r in by_layer[i])]
+    if not coded:
         raise _refuse(recipe, "FastDeploy's wint2 checkpoint has routed experts in the 2-bit code, this recipe has none")
-    if others:
-        moe = cfg.moe_layers
-        wint4_prefix = code2_layers == moe[moe.index(code2_layers[0]):] and all(lbl.startswith("w4") for _, lbl in others)
-        layers = ", ".join(f"{i} ({lbl})" for i, lbl in others[:4]) + (" ..." if len(others) > 4 else "")
-        why = ("FastDeploy would read the experts below the 2-bit range as wint4 per-channel in Paddle's arch-specific "
-               "int4 layout, which quantkit does not write" if wint4_prefix else
-               "FastDeploy's dispatch (" + rule_text("dispatch") + ") expresses only wint4 experts up to a layer and "
-               "the 2-bit code from there to the last MoE layer; int2/int3/w4g128 experts and w2 ranges not reaching "
-               "the last MoE layer are not expressible")
-        raise _refuse(recipe, f"routed experts of layers {layers} are not in the 2-bit code: {why}")
-    code2_rules = set(expert_rules.values())
+    w4, w2 = moe[:moe.index(coded[0])], moe[moe.index(coded[0]):]
+    is_w4 = lambda r: r is not None and r.format == "int" and r.bits == 4  # noqa: E731
+    bad = [i for i in w2 if i not in coded] + [i for i in w4 if not all(map(is_w4, by_layer[i]))]
+    if bad:
+        labels = ", ".join(f"{i} ({'/'.join(sorted('unquantized' if r is None else r.label for r in by_layer[i]))})"
+                           for i in sorted(bad)[:4])
+        raise _refuse(recipe, f"routed experts of MoE layers {labels}: FastDeploy's dispatch ({rule_text('dispatch')}) "
+                      "expresses only w4 experts up to a layer, then the 2-bit code to the last MoE layer")
+    code2_rules = set().union(*(by_layer[i] for i in w2))
     if len(code2_rules) > 1:
         raise _refuse(recipe, "the routed experts use different 2-bit-code rules; FastDeploy's config has one")
-    dense = {recipe.rule_for(m) for m, shape in candidate_modules(cfg) if len(shape) == 2}
-    only = next(iter(dense)) if len(dense) == 1 else None
-    keep = only is not None and (only.bits, only.group_size, only.symmetric) == (8, None, True)
-    rule8 = only if keep else W8
-    p = make_plan(cfg, Recipe(recipe.name, ((ROUTED, code2_rules.pop()), (".*", rule8)), version=recipe.version))
-    if keep:
-        return p
-    was = ", ".join(sorted("unquantized" if r is None else r.label for r in dense))
-    note = f"--export fastdeploy: wint8 per-channel RTN (FastDeploy's dense_quant_type) instead of {was}"
-    return replace(p, entries=tuple(e if e.is_experts else replace(e, note=note) for e in p.entries))
+    rule4, was4 = _per_channel(set().union(*(by_layer[i] for i in w4)), 4, W4) if w4 else (None, None)
+    rule8, was8 = _per_channel({recipe.rule_for(m) for m, shape in candidate_modules(cfg) if len(shape) == 2}, 8, W8)
+    rules = [(rf"^model\.layers\.({'|'.join(map(str, w4))})\.{ROUTED}", rule4)] if w4 else []
+    p = make_plan(cfg, Recipe(recipe.name, (*rules, (ROUTED, code2_rules.pop()), (".*", rule8)), version=recipe.version))
+
+    def noted(e):
+        if e.rule.format == "code2":
+            return e
+        was, what = (was4, "wint4 per-channel (FastDeploy's moe_w4_quant_config)") if e.is_experts else \
+            (was8, "wint8 per-channel (FastDeploy's dense_quant_type)")
+        return e if was is None else replace(e, note=f"--export fastdeploy: {what} instead of {was}")
+
+    return replace(p, entries=tuple(map(noted, p.entries)))
 
 
 def code2_layers(plan_: Plan) -> list[int]:
@@ -298,11 +286,10 @@ def output_specs(raw: dict, plan_: Plan) -> list[TensorSpec]:
 
 def entry_bytes(entry) -> int:
     """Bytes a planned module takes in this layout (for the report)."""
-    if entry.is_experts:
-        e, n, k = entry.shape
-        return sum(s.nbytes for s in wint2.tensor_specs("x", n, k)) * e
-    n, k = entry.shape
-    return n * k + 2 * n
+    *lead, n, k = entry.shape
+    per = (sum(s.nbytes for s in wint2.tensor_specs("x", n, k)) if entry.rule.format == "code2"
+           else n * k * entry.rule.bits // 8 + 2 * n)
+    return per * (lead[0] if lead else 1)
 
 
 # -- tensors ------------------------------------------------------------------------------------------
@@ -325,10 +312,19 @@ def _dense(prefix: str, qts: list[QTensor]) -> dict[str, torch.Tensor]:
             f"{prefix}.{WEIGHT_SCALE}": torch.cat([q.scales[:, 0] for q in qts]).to(torch.bfloat16)}
 
 
-def _experts(mlp: str, gate: Code2Tensor, up: Code2Tensor, down: Code2Tensor) -> dict[str, torch.Tensor]:
-    """Per-expert 2-bit-code tensors: ``up_gate_proj`` = gate and up concatenated along N (gate first)."""
-    parts = {"up_gate_proj": {leaf: torch.cat([t, up.tensors()[leaf]], dim=-1) for leaf, t in gate.tensors().items()},
-             "down_proj": down.tensors()}
+def _experts(mlp: str, gate, up, down) -> dict[str, torch.Tensor]:
+    """Per-expert tensors, ``up_gate_proj`` = gate and up concatenated along N (gate first): the 2-bit code's
+    leaves (``Code2Tensor``, [E, K/4, N]) or wint4 per-channel (``QTensor``, [E, N, K])."""
+    if isinstance(gate, QTensor):
+        parts = {}
+        for proj, qts in (("up_gate_proj", (gate, up)), ("down_proj", (down,))):
+            if any(q.bits != 4 or not q.symmetric or q.scales.shape[-1] != 1 for q in qts):
+                raise ValueError(f"{mlp}.experts: FastDeploy's wint4 needs 4-bit symmetric per-channel codes")
+            codes, scales = torch.cat([q.codes for q in qts], 1), torch.cat([q.scales[..., 0] for q in qts], 1)
+            parts[proj] = {QUANT_WEIGHT: torch.stack([wint4_layout(c) for c in codes]), WEIGHT_SCALE: scales.to(torch.bfloat16)}
+    else:
+        parts = {"up_gate_proj": {leaf: torch.cat([t, up.tensors()[leaf]], dim=-1) for leaf, t in gate.tensors().items()},
+                 "down_proj": down.tensors()}
     return {f"{disk_name(mlp)}.experts.{e}.{proj}.{leaf}": t[e].contiguous()
             for proj, leaves in parts.items() for leaf, t in leaves.items() for e in range(t.shape[0])}
 

@@ -92,7 +92,7 @@ def format_dry_run(r: dict, max_rows: int = 12) -> str:
     for p in notes[:max_rows]:
         lines.append(f"    note: {p['module']}: {p['note']}")
     if len(notes) > max_rows:
-        lines.append(f"    note: {len(notes) - max_rows} more group-size fallbacks")
+        lines.append(f"    note: {len(notes) - max_rows} more notes")
     b = r["breakdown"]
     lines += [f"  output size: {gb(r['output_bytes'])} (source {gb(r['source_bytes'])})",
               f"  disk needed: {gb(r['disk_bytes'])}",

@@ -293,7 +293,7 @@ class QuantizeRun:
         if saved is None and self.partial.exists():
             shutil.rmtree(self.partial)  # a stale partial of another (or an unresumed) run
         with CheckpointWriter(self.out, self.specs, max_shard_bytes=self.opt.max_shard_bytes, force=self.opt.force,
-                              metadata={"quantkit_format": fmt.FORMAT_NAME}, partial=self.partial,
+                              metadata={"quantkit_format": fastdeploy.FORMAT_NAME if self.fd else fmt.FORMAT_NAME}, partial=self.partial,
                               reuse=saved is not None) as self.writer:
             if self.calibrated:
                 self.cos, self.sin = (t.to(self.opt.device) for t in self.ckpt.skeleton.rope(0, self.opt.calib.seq_len, "cpu"))
@@ -343,7 +343,7 @@ def format_summary(r: dict) -> str:
     for f in r["fallbacks"][:5]:
         lines.append(f"  note: {f['module']}: {f['note']}")
     if len(r["fallbacks"]) > 5:
-        lines.append(f"  note: {len(r['fallbacks']) - 5} more group-size fallbacks (see {REPORT_FILE})")
+        lines.append(f"  note: {len(r['fallbacks']) - 5} more notes (see {REPORT_FILE})")
     return "\n".join(lines)
 
 

@@ -21,7 +21,8 @@ SERVE = ("python -m fastdeploy.entrypoints.openai.api_server --model {path} --te
          "(FastDeploy docs/get_started/ernie-4.5.md; the checkpoint's quantization_config says wint2)")
 VERSIONS = ("FastDeploy develop as stored 2025-26: layers/quantization/wint2.py @bc59992f, "
             "layers/moe/fused_moe_wint2_backend.py @df459439, layers/quantization/weight_only.py @eba1d6ba, "
-            "layers/quantization/__init__.py @013ec981, models/ernie4_5_moe.py @0007e412; "
+            "layers/quantization/__init__.py @013ec981, models/ernie4_5_moe.py @0007e412, config.py, layers/linear.py, "
+            "layers/moe/moe.py, layers/moe/fused_moe_cutlass_backend.py, model_executor/utils.py, load_weight_utils.py; "
             "Paddle weight_quantize_kernel_gpu_impl.h @2c8abd87")
 NOT_COVERED = "quantkit's FastDeploy rules cover the offline wint2 checkpoint (dense wint8, MoE w4w2) only"
 ARCH = "Ernie4_5_MoeForCausalLM"
@@ -120,10 +121,14 @@ def _tensors(view: CheckpointView, expected) -> list[Reason]:
     out = []
     w4_end = fd.w4_end_layer(view.qconfig)
     coded = sorted({_layer(n) for n in present if n.endswith(".super_scales") and ".mlp.experts." in n} - {None})
-    misrouted = [i for i in coded if i <= w4_end]
-    if misrouted:
-        out.append(_r(f"MoE layers {misrouted} hold the 2-bit code, but moe_w4_quant_end_layer={w4_end} dispatches "
-                      "them to wint4", "quantization_config.moe_quant_config.moe_w4_quant_config", "dispatch"))
+    experts = {_layer(n) for n in present if re.search(r"\.mlp\.experts\.\d+\.up_gate_proj\.quant_weight$", n)}
+    wint4 = sorted(experts - set(coded) - {None})
+    misrouted = [i for i in coded if i <= w4_end] + [i for i in wint4 if i > w4_end]
+    for layers, held, goes in (([i for i in coded if i <= w4_end], "the 2-bit code", "wint4"),
+                               ([i for i in wint4 if i > w4_end], "wint4 experts", "the 2-bit code")):
+        if layers:
+            out.append(_r(f"MoE layers {layers} hold {held}, but moe_w4_quant_end_layer={w4_end} dispatches them to "
+                          f"{goes}", "quantization_config.moe_quant_config.moe_w4_quant_config", "dispatch"))
     problems: dict[tuple[str, str, str], list[str]] = {}  # (kind, fact, name pattern) -> examples
     for spec, key in expected:
         if ".mlp.experts." in spec.name and _layer(spec.name) in misrouted:
