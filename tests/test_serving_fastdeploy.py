@@ -58,6 +58,15 @@ def test_the_export_loads_and_quantkits_other_layouts_do_not(dirs):
     assert check(CheckpointView.from_dir(dirs / "src"), "fastdeploy") == []  # bf16 Hub layout: FastDeploy's v1 loader
 
 
+def test_the_export_is_for_fastdeploy_only(dirs):
+    """vLLM has no reader for a config whose quantization_config lacks quant_method; quantkit's loader names the
+    export as FastDeploy's (its check runs the loader's own skeleton builder)."""
+    view = CheckpointView.from_dir(dirs / "fastdeploy")
+    assert [r.what for r in check(view, "vllm")] == ["quantization method"]
+    reasons = check(view, "quantkit")
+    assert len(reasons) == 1 and "FastDeploy wint2 export" in reasons[0].rule
+
+
 def test_an_earlier_style_export_with_fastdeploys_keys_still_fails_on_names(dirs):
     """quantkit's own 2-bit layout with FastDeploy's quantization keys added (what --export fastdeploy wrote
     before): the torch format and the model. names both refuse it."""
