@@ -125,3 +125,28 @@ def test_cli_bad_hub_ids_are_one_error_line(hub_cache, tmp_path, src, code, text
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_only_checkpoint_files_are_asked_for(monkeypatch, tiny_dir):
+    """The patterns passed to snapshot_download keep config, weights, index and tokenizer files of a Hub-like listing."""
+    from huggingface_hub import utils as hf_utils
+
+    listing = [".gitattributes", "LICENSE", "README.md", "config.json", "generation_config.json",
+               "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+               "pytorch_model.bin", "original/consolidated.pth", "tokenizer.model", "tokenizer_config.json",
+               "special_tokens_map.json", "added_tokens.json", "images/logo.png", "onnx/model.onnx"]
+    kept = set(hf_utils.filter_repo_objects(listing, allow_patterns=hub.ALLOW_PATTERNS))
+    assert kept == {"config.json", "generation_config.json", "model-00001-of-00002.safetensors",
+                    "model-00002-of-00002.safetensors", "model.safetensors.index.json", "tokenizer.model",
+                    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"}
+    seen = {}
+
+    def fake_snapshot_download(repo_id, **kw):
+        seen.update(kw, repo_id=repo_id)
+        return str(tiny_dir)
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert resolve("org/name@abc") == tiny_dir
+    assert seen == {"repo_id": "org/name", "revision": "abc", "allow_patterns": hub.ALLOW_PATTERNS}
