@@ -102,9 +102,10 @@ def test_paths_are_not_taken_for_hub_ids():
         assert hub.looks_like_hub_id(s), s
 
 
-def _cli(args, cache, cwd):
-    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+def _cli(args, cache, cwd, via_hf_home=False):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HOME", "HF_HUB_CACHE")}
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    env.update({"HF_HOME": str(cache.parent)} if via_hf_home else {"HF_HUB_CACHE": str(cache)})  # the cache is HF_HOME/hub
     return subprocess.run([sys.executable, "-m", "quantkit.cli", *args], capture_output=True, text=True, env=env, cwd=cwd)
 
 
@@ -113,8 +114,10 @@ def test_cli_quantize_and_inspect_a_hub_id(hub_cache, tmp_path):
     r = _cli(["quantize", REPO, "-o", "out", "--recipe", "w4g128"], cache, tmp_path)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "config.json").is_file() and (tmp_path / "out" / "tokenizer.json").is_file()
-    r = _cli(["generate", REPO, "--prompt", "hi", "--max-new-tokens", "3"], cache, tmp_path)
+    r = _cli(["generate", REPO, "--prompt", "hi", "--max-new-tokens", "3"], cache, tmp_path, via_hf_home=True)
     assert r.returncode == 0, r.stderr
+    r = _cli(["inspect", f"{REPO}@v1"], cache, tmp_path, via_hf_home=True)
+    assert r.returncode == 0 and V1 in r.stdout, r.stdout + r.stderr  # the v1 snapshot, found through HF_HOME
 
 
 @pytest.mark.parametrize("src,code,text", [("nobody/not-cached", 1, "is not in the cache"),
