@@ -20,6 +20,10 @@ Rules (each Reason names its upstream ``file::function``):
   4. routed experts not stored as ``weight_packed`` (left in full precision, or in the 2-bit code) in a
      quantized checkpoint: the converter finds nothing to merge, the experts stay missing, refused.
 The tensor-parallel size does not enter (``from_pretrained`` is checked as one process).
+
+Not a refusal, but worth knowing: with bf16 scales, ``from_pretrained(dtype=torch.float32)`` still holds and
+computes the routed experts in bf16 (the dequantize step keeps the scale dtype), so its fp32 logits are not
+quantkit's fp32 logits; the weights themselves are the same numbers (tests/test_transformers_reader.py).
 """
 
 from __future__ import annotations
