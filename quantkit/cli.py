@@ -45,7 +45,8 @@ BACKEND = click.option("--backend", type=click.Choice(["auto", "triton", "torch"
 def main():
     """Quantize Mixture-of-Experts LLMs to 4/2 bits and run them.
 
-    SRC is an HF checkpoint directory or a built-in model: random:ernie-tiny,
+    SRC is an HF checkpoint directory, a Hub id ORG/NAME[@REVISION] (through huggingface_hub and its
+    cache; HF_HUB_OFFLINE=1 uses the cache only) or a built-in model: random:ernie-tiny,
     random:ernie-21b-a3b?layers=N, demo:smollm2-moe, demo:smollm2-dense.
     """
 

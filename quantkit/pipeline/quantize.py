@@ -29,6 +29,7 @@ from quantkit.calib.data import DEFAULT_CALIB, calibration_windows
 from quantkit.calib.hidden import HiddenStore
 from quantkit.pipeline import resume
 from quantkit.pipeline.awq_apply import apply_awq
+from quantkit.pipeline.finite import NonFiniteError, check_activations, check_source
 from quantkit.pipeline.layer_quant import quantize_layer
 from quantkit.quant.config import Plan, PlanEntry, Recipe, make_plan
 from quantkit.sources import resolve
@@ -185,6 +186,7 @@ class QuantizeRun:
         c = self.opt.calib
         windows = calibration_windows(c.data, Tokenizer(self.path), c.samples, c.seq_len, c.seed)
         embed = self.ckpt.read_param("model.embed_tokens.weight", torch.float32).to(self.opt.device)
+        check_source(["model.embed_tokens.weight"], embed)
         self.hidden = HiddenStore(self.partial / resume.HIDDEN_DIR, c.memory_budget, self.opt.device)
         for i in range(0, len(windows), c.batch_size):
             self.hidden.append(torch.nn.functional.embedding(windows[i:i + c.batch_size].to(self.opt.device), embed))
@@ -203,16 +205,22 @@ class QuantizeRun:
     def write_globals(self) -> None:
         names = ("model.embed_tokens.weight", "model.norm.weight") + (() if self.cfg.tie_word_embeddings else ("lm_head.weight",))
         for name in names:
-            self.write_plain(name, self.ckpt.read_param(name, self.dtype))
+            t = self.ckpt.read_param(name, self.dtype)
+            check_source([name], t)
+            self.write_plain(name, t)
 
     def run_layer(self, idx: int, layer) -> None:
         t0 = time.perf_counter()
         prefix, c = f"model.layers.{idx}", self.opt.calib
         entries = [e for e in self.plan.entries if e.module.startswith(prefix + ".")]
         cap = awq_alphas = None
+        for name, t in model_tensors(layer):
+            check_source(source_names(f"{prefix}.{name}", self.cfg), t)
         if self.calibrated:
             cap = capture_layer(layer, self.hidden, self.cos, self.sin, expert_calibration=c.expert_calibration,
                                 prob_weighted=c.prob_weighted)
+            for key, stat in cap.stats.items():
+                check_activations(f"{prefix}.{key}", stat.abs_sum)
             if any("awq" in e.rule.method for e in entries):
                 awq_alphas = apply_awq(layer, cap, {e.module[len(prefix) + 1:]: e for e in entries})
         res = quantize_layer(layer, prefix, entries, cap, scale_dtype=self.scale_dtype, min_expert_tokens=c.min_expert_tokens,
@@ -236,10 +244,15 @@ class QuantizeRun:
                 self.writer.write(k, v)
         if self.calibrated:
             with torch.no_grad():  # the quantized layer feeds the next
-                self.hidden = self.hidden.map(lambda h: layer(h, self.cos, self.sin))
+                self.hidden = self.hidden.map(lambda h: self._checked(layer(h, self.cos, self.sin), prefix))
             self.state["layers"].append({
                 "layer": idx, "moe": bool(layer.is_moe), "seconds": round(time.perf_counter() - t0, 2), "errors": res.errors, "awq_alpha": awq_alphas, "rtn_fallback_experts": res.rtn_fallback_experts,
                 "expert_tokens": None if cap.expert_tokens is None else cap.expert_tokens.tolist()})
+
+    @staticmethod
+    def _checked(h: torch.Tensor, prefix: str) -> torch.Tensor:
+        check_activations(prefix, h, what="output")
+        return h
 
     def checkpoint_progress(self, idx: int) -> None:
         self.state["layers_done"] = idx
@@ -289,6 +302,13 @@ class QuantizeRun:
 
     # -- the whole run -------------------------------------------------------------------------------
     def run(self, resume_run: bool = False) -> dict:
+        try:
+            return self._run(resume_run)
+        except NonFiniteError:  # no run could ever finish this partial output: leave nothing behind
+            shutil.rmtree(self.partial, ignore_errors=True)
+            raise
+
+    def _run(self, resume_run: bool) -> dict:
         saved = resume.load_state(self.partial, self.fp) if resume_run else None
         if saved is None and self.partial.exists():
             shutil.rmtree(self.partial)  # a stale partial of another (or an unresumed) run
@@ -308,14 +328,13 @@ class QuantizeRun:
             if saved is None:
                 self.write_globals()
             start = self.state["layers_done"] + 1
-            bar = tqdm(total=self.cfg.num_hidden_layers, initial=start, desc="quantize", unit="layer",
-                       disable=not self.opt.progress, file=sys.stderr)
             compute_dtype = torch.float32 if self.calibrated else self.dtype
-            for idx, layer in stream_layers(self.ckpt, device=self.opt.device, dtype=compute_dtype, start=start):
-                self.run_layer(idx, layer)
-                self.checkpoint_progress(idx)
-                bar.update(1)
-            bar.close()
+            with tqdm(total=self.cfg.num_hidden_layers, initial=start, desc="quantize", unit="layer",
+                      disable=not self.opt.progress, file=sys.stderr) as bar:  # closed before an error is printed
+                for idx, layer in stream_layers(self.ckpt, device=self.opt.device, dtype=compute_dtype, start=start):
+                    self.run_layer(idx, layer)
+                    self.checkpoint_progress(idx)
+                    bar.update(1)
             return self.finish()
 
 
