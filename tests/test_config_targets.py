@@ -46,16 +46,14 @@ def ckpts(tmp_path_factory, tiny_dir):
     make_hf_model(hidden_size=64, intermediate_size=64, moe_intermediate_size=64).save_pretrained(k64)
     out = {}
     for case, src, recipe, export in [("w4g128", tiny_dir, "w4g128", "quantkit"), ("w8", tiny_dir, "w8", "quantkit"),
-                                      ("w2code", k64, "w2code", "quantkit"), ("w2code-fused", k64, "w2code", "fastdeploy")]:
+                                      ("w2code", k64, "w2code", "quantkit")]:
         quantize(str(src), root / case, get_recipe(recipe), QuantizeOptions(progress=False, export=export))
         out[case] = root / case
     return out
 
 
-CASES = ["w4g128", "w8", "w2code",
-         pytest.param("w2code-fused", marks=pytest.mark.xfail(strict=True, reason=(
-             "known bug (lead fixing in main): quantization_config(fused_up_gate=True) writes the up_gate_proj ignore "
-             "regex without the per-expert \\.\\d+\\. index")))]
+# (--export fastdeploy writes FastDeploy's own quantization keys, not a compressed-tensors config: nothing to match)
+CASES = ["w4g128", "w8", "w2code"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -67,6 +67,9 @@ def test_a_layers_routed_experts_share_one_fallback_group():
     r = Recipe("down8", rules=((r"experts\.down_proj", Rule(bits=8, group_size=None)), (".*", Rule(bits=4))))
     plan = make_plan(tiny_cfg(), r)
     assert plan.entry("model.layers.1.mlp.experts.gate_proj").group_size == 64
+    # per channel stays per channel: one scale per row, K of each projection
+    plan = make_plan(tiny_cfg(), BUILTIN_RECIPES["w8"])
+    assert [plan.entry(f"model.layers.1.mlp.experts.{p}").group_size for p in ("gate_proj", "down_proj")] == [64, 32]
 
 
 def test_fused_groups_must_share_a_rule():

@@ -22,7 +22,7 @@ TOL = 1e-5
 ATTN_ONLY = Recipe.from_dict({"name": "attn-only", "rules": [{"pattern": r"self_attn\.", "bits": 4, "group_size": 32}],
                               "ignore": ["mlp"]})
 # name -> (source, recipe, rule transformers breaks or None). Sources: the tiny random ERNIE; "mixed-g": experts
-# whose gate/up (K=256, g128) and down (K=192, g64) get different group sizes; "k64": experts whose K allows the 2-bit code.
+# whose gate/up (K=256) and down (K=192) take different groups unless the plan gives them one; "k64": experts whose K allows the 2-bit code.
 CASES = {
     "w4g128": ("tiny", "w4g128", None),
     "w8": ("tiny", "w8", None),
@@ -32,7 +32,12 @@ CASES = {
     "w3g128": ("tiny", "w3g128", "packed zero points"),
     "w2g64": ("tiny", "w2g64", "packed zero points"),
     "w2g64-experts": ("tiny", "w2g64-experts", "asymmetric routed experts"),
-    "mixed-g-w4g128": ("mixed-g", "w4g128", "routed experts on another scheme"),
+    # w4g128 there: quantkit gives the layer's experts one fallback group (g64), which transformers reads
+    "mixed-g-w4g128": ("mixed-g", "w4g128", None),
+    # a recipe that asks for different groups per projection: transformers reads every expert with one group
+    "mixed-g-split": ("mixed-g", Recipe.from_dict({"name": "split-g", "rules": [
+        {"pattern": r"experts\.down_proj", "bits": 4, "group_size": 64},
+        {"pattern": ".*", "bits": 4, "group_size": 128}]}), "routed experts on another scheme"),
     "w2code": ("k64", "w2code", "routed experts not stored as weight_packed"),
     "attn-only": ("tiny", ATTN_ONLY, "routed experts not stored as weight_packed"),
 }

@@ -282,7 +282,7 @@ def _joint_k(cfg: ErnieMoeConfig, recipe: Recipe, name: str, rule: Rule, shape: 
     """The K a group must divide: the module's own, or for routed experts the gcd of the layer's expert Ks
     (H for gate/up, I for down) when the three share a rule, so that the fallback gives all of them one
     group (vLLM: "All MoE projections need to have same quantization scheme")."""
-    if len(shape) != 3:
+    if len(shape) != 3 or rule.group_size is None:  # per channel: one scale per row whatever K is
         return shape[-1]
     stem = name.rpartition(".")[0]
     same = all(recipe.rule_for(f"{stem}.{leaf}") == rule for leaf in ("gate_proj", "up_proj", "down_proj"))

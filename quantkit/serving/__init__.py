@@ -23,7 +23,7 @@ import torch
 
 from quantkit.errors import UsageError
 
-SERVERS = {"vllm": "vllm", "fastdeploy": "fastdeploy", "quantkit": "native"}
+SERVERS = {"vllm": "vllm", "fastdeploy": "fastdeploy", "transformers": "transformers", "quantkit": "native"}
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ import re
 from quantkit.serving import CheckpointView, Reason
 
 VERSIONS = "transformers 5.24.0 + compressed-tensors 0.20.1"
+SERVE = "python -c \"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('{path}')\""
 
 CT_PACK = "compressed-tensors src/compressed_tensors/compressors/pack_quantized/base.py::PackedQuantizationCompressor.compress"
 TF_DEQ = "transformers src/transformers/integrations/compressed_tensors.py::CompressedTensorsDequantize.convert"
