@@ -256,9 +256,11 @@ def module_tensors(module: str, tt) -> dict[str, torch.Tensor]:
             for leaf, t in parts.items()}
 
 
-def config_block(modules: dict[str, int], L: int) -> dict:
-    """``quantization_config[CONFIG_KEY]``: the scheme, its parameters, and bits per module (in-memory names)."""
-    return {"scheme": SCHEME, "format_version": FORMAT_VERSION, "tile": TILE, "state_bits": L, "code": "mul1",
-            "scale_dtype": "float16", "hadamard_max_block": HAD_MAX, "modules": dict(sorted(modules.items())),
+def config_block(modules: dict[str, tuple[int, int]]) -> dict:
+    """``quantization_config[CONFIG_KEY]``: the scheme, its constants, and per module (in-memory names, all
+    experts of a layer each) its bits per weight and state bits L."""
+    return {"scheme": SCHEME, "format_version": FORMAT_VERSION, "tile": TILE, "code": "mul1", "scale_dtype": "float16",
+            "hadamard_max_block": HAD_MAX,
+            "modules": {m: {"bits": b, "state_bits": L} for m, (b, L) in sorted(modules.items())},
             "decode": "s_t = state_bits-bit window of the tile's MSB-first stream ending at (t+1)*bits; "
                       "q = bytesum((0x83DCD12D*s) mod 2^32) - 510; W = diag(svh) H_N Q H_K diag(suh)"}

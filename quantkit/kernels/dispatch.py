@@ -86,6 +86,8 @@ def tile_k(w, cap: int = 128) -> int:
 
     if isinstance(w, reference.Code2Weight):
         return 64
+    if isinstance(w, reference.TrellisWeight):
+        return 0  # the torch twin (dequantize, then matmul) until the Triton trellis kernels read it
     if w.bits not in reference.KERNEL_BITS:
         return 0
     if w.group_size == w.k:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from quantkit import __version__
 from quantkit.errors import UsageError
 from quantkit.format import compressed_tensors as fmt
+from quantkit.format import trellis as trellis_fmt
 from quantkit.format import wint2
 from quantkit.format.writer import CheckpointWriter, TensorSpec
 from quantkit.model.loader import FP32_PARAMS, Checkpoint, default_dtype, model_tensors, source_names, stream_layers
@@ -91,6 +92,8 @@ def entry_specs(entry: PlanEntry, dtype: torch.dtype, fused: bool) -> list[Tenso
     """On-disk tensors of one planned module (per expert for routed experts)."""
     if entry.rule.format == "code2":
         return wint2.module_specs(entry.module, entry.shape, fused)
+    if entry.rule.format == "trellis":
+        return trellis_fmt.module_specs(entry.module, entry.shape, entry.rule.bits)
     n, k = entry.shape[-2:]
     return [s for prefix in fmt.expert_prefixes(entry.module, entry.shape[0] if entry.is_experts else 0)
             for s in fmt.linear_specs(prefix, n, k, entry.rule.bits, entry.group_size, entry.rule.symmetric, dtype)]
@@ -190,6 +193,8 @@ class QuantizeRun:
             if entry.rule.format == "code2":
                 up = res.qtensors.get(rel.replace("gate_proj", "up_proj")) if self.fused and rel.endswith("gate_proj") else None
                 tensors = wint2.module_tensors(entry.module, res.qtensors[rel], self.fused, up)
+            elif entry.rule.format == "trellis":
+                tensors = trellis_fmt.module_tensors(entry.module, res.qtensors[rel])
             else:
                 tensors = fmt.module_tensors(entry.module, res.qtensors[rel])
             for k, v in tensors.items():
@@ -215,6 +220,9 @@ class QuantizeRun:
         config["quantization_config"] = qconfig = fmt.quantization_config(self.plan, self.fused)
         if self.code2_modules:
             qconfig[wint2.CONFIG_KEY] = wint2.config_block(self.code2_modules, self.fused)
+        trellis_modules = {e.module: (e.rule.bits, e.rule.state_bits) for e in self.plan.entries if e.rule.format == "trellis"}
+        if trellis_modules:
+            qconfig[trellis_fmt.CONFIG_KEY] = trellis_fmt.config_block(trellis_modules)
         if self.fused:
             layers = qconfig[wint2.CONFIG_KEY]["layers"]
             qconfig.update(wint2.fastdeploy_keys(layers))
