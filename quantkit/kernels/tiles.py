@@ -119,7 +119,7 @@ def tile_codes(a_ptr, sra, offs_n, n_mask, kt, KW, cs, zp, z,
         b = tl.interleave((v >> 6) & 0x3F, v & 0x3F)  # windows 1 and 3
         q = tl.interleave(a, b) - 32  # [BN, 64]: window i of byte r at 4r + i
     elif KIND == 2:
-        q = trellis_values(a_ptr, sra, offs_n, n_mask, kt, KW, BITS, BK)
+        q = trellis_values(a_ptr, sra, offs_n, n_mask, kt, KW, BITS, BN, BK)
     else:
         PER: tl.constexpr = 32 // BITS
         BKW: tl.constexpr = BK // PER
@@ -131,21 +131,41 @@ def tile_codes(a_ptr, sra, offs_n, n_mask, kt, KW, cs, zp, z,
 
 
 @triton.jit
-def trellis_values(a_ptr, sra, offs_n, n_mask, kt, L, BITS: tl.constexpr, BK: tl.constexpr):
+def trellis_values(a_ptr, sra, offs_n, n_mask, kt, L, BITS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """K-tile ``kt`` of a trellis weight's integer values Q [BN, BK] (int32), decoded in registers: weight
     (n, k) is t = 16 (n % 16) + k % 16 of tile (n // 16, k // 16); its state is the L-bit window of the
     tile's MSB-first stream ending at bit (t + 1) BITS, read from two words; value = bytesum(MUL1 * s) - 510."""
     W: tl.constexpr = 8 * BITS  # words per tile
+    if BITS == 2:  # row r of a tile is word r: one load per (row, tile) of the word and of its predecessor
+        NT: tl.constexpr = BK // 16
+        r = offs_n % 16
+        base = a_ptr + (offs_n // 16)[:, None] * sra + (kt * NT + tl.arange(0, NT))[None, :] * W  # [BN, NT]
+        lo = tl.load(base + r[:, None], mask=n_mask[:, None], other=0).to(tl.uint32, bitcast=True)
+        hi = tl.load(base + ((r + 15) % 16)[:, None], mask=n_mask[:, None], other=0).to(tl.uint32, bitcast=True)
+        sh = (30 - 2 * tl.arange(0, 16)).to(tl.uint32)[None, None, :]  # weight c ends at bit 2c + 1 of word r
+        s = (lo[:, :, None] >> sh) | ((hi[:, :, None] << 1) << (31 - sh))
+        s = tl.reshape(s & ((1 << L) - 1).to(tl.uint32), (BN, BK))
+    else:
+        s = _trellis_states(a_ptr, sra, offs_n, n_mask, kt, L, BITS, BK)
+    x = s * 0x83DCD12D  # MUL1 mod 2^32 (uint32; ``format.trellis.MUL1``, the tests hold the two bit-exact)
+    v = (x & 0xFF) + ((x >> 8) & 0xFF) + ((x >> 16) & 0xFF) + (x >> 24)
+    return v.to(tl.int32) - 510
+
+
+@triton.jit
+def _trellis_states(a_ptr, sra, offs_n, n_mask, kt, L, BITS: tl.constexpr, BK: tl.constexpr):
+    """States [BN, BK] uint32 for any BITS: each weight's two words gathered, then a funnel shift."""
+    W: tl.constexpr = 8 * BITS
     offs_k = kt * BK + tl.arange(0, BK)
     t = (offs_n[:, None] % 16) * 16 + offs_k[None, :] % 16
     end = (t + 1) * BITS - 1
     w = end // 32
     base = a_ptr + (offs_n[:, None] // 16) * sra + (offs_k[None, :] // 16) * W
-    lo = tl.load(base + w, mask=n_mask[:, None], other=0).to(tl.int64) & 0xFFFFFFFF
-    hi = tl.load(base + (w + W - 1) % W, mask=n_mask[:, None], other=0).to(tl.int64) & 0xFFFFFFFF
-    s = (((hi << 32) | lo) >> (31 - end % 32)) & ((1 << L) - 1)
-    x = (s * 0x83DCD12D) & 0xFFFFFFFF  # MUL1 (``format.trellis.MUL1``; the tests hold the two bit-exact)
-    return ((x & 0xFF) + ((x >> 8) & 0xFF) + ((x >> 16) & 0xFF) + (x >> 24) - 510).to(tl.int32)
+    lo = tl.load(base + w, mask=n_mask[:, None], other=0).to(tl.uint32, bitcast=True)
+    hi = tl.load(base + (w + W - 1) % W, mask=n_mask[:, None], other=0).to(tl.uint32, bitcast=True)
+    sh = (31 - end % 32).to(tl.uint32)
+    # 32-bit funnel shift (hi:lo) >> sh; hi is shifted in two steps so no shift reaches 32 bits
+    return ((lo >> sh) | ((hi << 1) << (31 - sh))) & ((1 << L) - 1).to(tl.uint32)
 
 
 @triton.jit
