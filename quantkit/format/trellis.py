@@ -35,9 +35,10 @@ The value code ("MUL1", ExLlamaV3's default codebook, without its final fp16 aff
     x = (0x83DCD12D · s) mod 2^32;   value(s) = bytesum(x) - 510,   an integer in [-510, 510], RMS ≈ 147.8
 
 EXL3 maps bytesum to (bytesum - 510) / 147.7 in fp16; here the 1/147.8 goes into the stored scales, so the
-values are integers, exact in fp16/bf16-free fp32 math: the table ``value_table(L)`` is bit-exact with any
-kernel that evaluates the same integer ops. (Why MUL1: ``benchmarks/trellis_quality.py --codes`` measures
-the candidate codes; MUL1 is as good as the best at L = 16 and costs one multiply and a byte sum.)
+values are integers (exact in fp32 and fp16; bf16 holds |v| <= 256 exactly and rounds the rest to even
+values): the table ``value_table(L)`` is bit-exact with any kernel that evaluates the same integer ops.
+(Why MUL1: ``benchmarks/trellis_quality.py --codes`` compares the candidate codes at L = 12; MUL1 is as good
+as the best there, 3INST and 1MAD, and costs one multiply and a byte sum.)
 
 Rate: bits + 16·(N + K) / (N·K) bits per weight (every stored byte counted; no group scales).
 """

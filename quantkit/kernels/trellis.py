@@ -6,8 +6,10 @@ With W = diag(svh) H_N Q H_K diag(suh) (Q the integer values, H block Hadamards)
 
 * The GEMM is the dense kernel of ``kernels/dense.py`` with ``KIND_TRELLIS`` tiles: each weight's state is
   cut out of two words of its tile's bit stream and mapped to its value in registers
-  (``tiles.trellis_values``: shifts, one multiply and a byte sum; no lookup table). The tile is exact
-  integers, so the MMA sees the code exactly and no scale is applied in the loop.
+  (``tiles.trellis_values``: shifts, one multiply and a byte sum; no lookup table). The tile is integers in
+  [-510, 510] and no scale is applied in the loop; fp16 (and the interpreter's fp32) MMAs see them exactly,
+  a bf16 MMA rounds |v| > 256 to an even value (relative error <= 2^-9, the size of the twin's own rounding
+  of its bf16 weights).
 * The incoherence is applied to the activations, not the weights: ``x ⊙ suh`` and H_K before the GEMM,
   H_N and ``⊙ svh`` after it, as block matmuls in torch (``format.trellis.hadamard_last``, the same function
   the encoder and the reference decoder use). A fused in-kernel Hadamard epilogue (EXL3's ``had_guad``) is

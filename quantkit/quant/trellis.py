@@ -38,7 +38,8 @@ from quantkit.format import trellis as fmt
 from quantkit.quant.gptq import fix_dead_inputs, inverse_cholesky
 from quantkit.quant.qtensor import TrellisTensor
 
-TILE_BATCH = 64  # tiles per Viterbi call in plain mode (keeps the [B, 2^L] cost rows in cache on CPU)
+# tiles per Viterbi call: bounds the backpointers (256 x batch x 2^(L-bits) bytes: 268 MB at L = 16, bits = 2)
+TILE_BATCH = 64
 SEED = 0
 
 
@@ -137,7 +138,7 @@ def trellis(w: torch.Tensor, H: torch.Tensor | None = None, *, bits: int = 2, L:
         s = _encode_batched(fmt.to_tiles(X).reshape(-1, fmt.T), bits, L, batch)
         states = s.reshape(B, n // fmt.TILE, k // fmt.TILE, fmt.T)
     else:
-        states = _ldlq(X, _rotated_hessian(H, suh), bits, L, damp)
+        states = _ldlq(X, _rotated_hessian(H, suh), bits, L, damp, batch)
     words = fmt.pack_symbols(fmt.symbols_from_states(states, bits), bits)
     tt = TrellisTensor(words, suh, svh, bits, L)
     if not lead:
@@ -152,7 +153,7 @@ def _rotated_hessian(H: torch.Tensor, suh: torch.Tensor) -> torch.Tensor:
     return fmt.rotate(Hs)
 
 
-def _ldlq(X: torch.Tensor, Hq: torch.Tensor, bits: int, L: int, damp: float) -> torch.Tensor:
+def _ldlq(X: torch.Tensor, Hq: torch.Tensor, bits: int, L: int, damp: float, batch: int) -> torch.Tensor:
     """Step 4: X [B, N, K] targets, Hq [B, K, K] -> states int64 [B, N/16, K/16, 256]."""
     B, N, K = X.shape
     X = X.clone()
@@ -163,7 +164,7 @@ def _ldlq(X: torch.Tensor, Hq: torch.Tensor, bits: int, L: int, damp: float) -> 
     for j in range(K // fmt.TILE):
         i1, i2 = j * fmt.TILE, (j + 1) * fmt.TILE
         strip = X[:, :, i1:i2]  # [B, N, 16]: N/16 tiles per matrix, rows r = n % 16, t = 16 r + c
-        s = encode_tiles(strip.reshape(-1, fmt.T), bits, L)
+        s = _encode_batched(strip.reshape(-1, fmt.T), bits, L, batch)
         out[:, :, j] = s.reshape(B, N // fmt.TILE, fmt.T)
         q = table[s].reshape(B, N, fmt.TILE)
         Ub = U[:, i1:i2, i1:i2]
