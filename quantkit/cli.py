@@ -45,7 +45,8 @@ BACKEND = click.option("--backend", type=click.Choice(["auto", "triton", "torch"
 def main():
     """Quantize Mixture-of-Experts LLMs to 4/2 bits and run them.
 
-    SRC is an HF checkpoint directory or a built-in model: random:ernie-tiny,
+    SRC is an HF checkpoint directory, a Hub id ORG/NAME[@REVISION] (through huggingface_hub and its
+    cache; HF_HUB_OFFLINE=1 uses the cache only) or a built-in model: random:ernie-tiny,
     random:ernie-21b-a3b?layers=N, demo:smollm2-moe, demo:smollm2-dense.
     """
 
@@ -107,14 +108,17 @@ def _parse_size(text: str) -> int:
 @DEVICE
 @click.option("--max-shard-size", default="4GB", show_default=True)
 @click.option("--export", type=click.Choice(["quantkit", "fastdeploy"]), default="quantkit", show_default=True,
-              help="fastdeploy: routed experts in the 2-bit code are written with FastDeploy's fused up_gate_proj names")
+              help="fastdeploy: FastDeploy's wint2 checkpoint (Paddle format, ernie.* names, 2-bit-code experts, wint8 dense layers)")
+@click.option("--server", default=None, help="refuse (before any work) a plan this server could not load: "
+              "vllm, fastdeploy, transformers or quantkit")
+@click.option("--tp", default=1, show_default=True, type=int, help="tensor-parallel size the --server check assumes")
 @click.option("--force", is_flag=True, help="replace a non-empty output directory")
 @click.option("--resume", is_flag=True, help="continue an interrupted run with the same inputs (its .OUT.partial directory)")
 @click.option("--dry-run", is_flag=True, help="print the plan and the memory/disk estimates from config.json; quantize nothing")
 @_friendly
 def quantize_cmd(src, out, recipe, bits, group_size, sym, method, clip_search, calib_data, calib_samples, calib_seq_len,
-                 expert_calibration, prob_weighted, min_expert_tokens, calib_memory, seed, device, max_shard_size, export, force,
-                 resume, dry_run):
+                 expert_calibration, prob_weighted, min_expert_tokens, calib_memory, seed, device, max_shard_size, export, server,
+                 tp, force, resume, dry_run):
     """Quantize SRC into a compressed-tensors checkpoint at OUTPUT (streams one layer at a time)."""
     from quantkit.calib.data import DEFAULT_CALIB
     from quantkit.pipeline.quantize import CalibOptions, QuantizeOptions, format_summary, quantize
@@ -133,7 +137,8 @@ def quantize_cmd(src, out, recipe, bits, group_size, sym, method, clip_search, c
     calib = CalibOptions(data=calib_data or DEFAULT_CALIB, samples=calib_samples, seq_len=calib_seq_len, seed=seed,
                          expert_calibration=expert_calibration, prob_weighted=prob_weighted, min_expert_tokens=min_expert_tokens,
                          memory_budget=_parse_size(calib_memory))
-    options = QuantizeOptions(device=device, max_shard_bytes=_parse_size(max_shard_size), force=force, calib=calib, export=export)
+    options = QuantizeOptions(device=device, max_shard_bytes=_parse_size(max_shard_size), force=force, calib=calib, export=export,
+                              server=server, tp=tp)
     if dry_run:
         from quantkit.pipeline.dry_run import dry_run as plan_only, format_dry_run
 
@@ -153,6 +158,33 @@ def inspect_cmd(path, as_json):
 
     r = inspect_checkpoint(path)
     click.echo(json.dumps(r, indent=2) if as_json else format_inspect(r))
+
+
+@main.command("check")
+@click.argument("path")
+@click.option("--server", "servers", multiple=True, help="vllm, fastdeploy, transformers or quantkit (repeatable; "
+              "default: all)")
+@click.option("--tp", default=1, show_default=True, type=int, help="tensor-parallel size to check for")
+@_friendly
+def check_cmd(path, servers, tp):
+    """Whether a server can load the checkpoint at PATH, from its config and tensor headers.
+
+    Exit 0 when every server asked would load it (one line each), 1 otherwise (one line per reason)."""
+    from quantkit.serving import SERVERS, CheckpointView, check, format_verdict
+    from quantkit.sources import resolve
+
+    for s in servers:
+        if s not in SERVERS:
+            raise QuantkitError(f"unknown server {s!r}: use one of {', '.join(SERVERS)}", exit_code=2)
+    where = resolve(path)
+    view = CheckpointView.from_dir(where)
+    refused = False
+    for s in servers or SERVERS:
+        reasons = check(view, s, tp)
+        refused |= bool(reasons)
+        for line in format_verdict(s, reasons, tp, str(where)):
+            click.echo(line)
+    sys.exit(1 if refused else 0)
 
 
 @main.command("report")

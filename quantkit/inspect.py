@@ -129,5 +129,5 @@ def format_inspect(r: dict) -> str:
     lines.append("  unquantized tensors (role (dtype): count):")
     lines += [f"    {k}: {v}" for k, v in r["unquantized"].items()]
     if r["fallbacks"]:
-        lines.append(f"  group-size fallbacks: {len(r['fallbacks'])} modules, e.g. {r['fallbacks'][0]['module']}: {r['fallbacks'][0]['note']}")
+        lines.append(f"  plan notes (group-size fallbacks, export rules): {len(r['fallbacks'])} modules, e.g. {r['fallbacks'][0]['module']}: {r['fallbacks'][0]['note']}")
     return "\n".join(lines)

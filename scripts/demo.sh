@@ -1,19 +1,30 @@
 #!/usr/bin/env bash
-# README command 1: set everything up, build the real-weights demo MoE (once, cached), quantize it,
-# and print its perplexity before and after. Override with RECIPE=w2g64, METHOD=gptq, WINDOWS=40, DATA=...
+# README command 1: set everything up, build the real-weights demo MoE (once, cached), quantize it with the
+# recommended 4-bit recipe and with the 2-bit code, print one table (perplexity, vs source, size, bits/weight),
+# then which servers load each result and the command that serves it.
+# Override with WINDOWS=16 (held-out eval windows of 512 tokens), CALIB_SAMPLES=32, DATA=sotu:test, OUT=out/demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 QK=.venv/bin/quantkit
-RECIPE=${RECIPE:-w4g128}
-METHOD=${METHOD:-rtn}
+SRC=demo:smollm2-moe
 DATA=${DATA:-sotu:test}
-OUT=${OUT:-out/demo-$RECIPE-$METHOD}
-ARGS=(--data "$DATA" --seq-len 512 --max-windows "${WINDOWS:-16}")
-echo "== before: demo:smollm2-moe (real-weights ERNIE-4.5-MoE built from SmolLM2-135M) =="
-$QK eval perplexity demo:smollm2-moe "${ARGS[@]}"
-echo "== quantize: $RECIPE ($METHOD) =="
-$QK quantize demo:smollm2-moe -o "$OUT" --recipe "$RECIPE" --method "$METHOD" --force \
-    --calib sotu:train --calib-samples 32 --calib-seq-len 512
-echo "== after: $OUT =="
-$QK eval perplexity "$OUT" "${ARGS[@]}"
+OUT=${OUT:-out/demo}
+EVAL=(--data "$DATA" --seq-len 512 --max-windows "${WINDOWS:-16}")
+CALIB=(--calib sotu:train --calib-samples "${CALIB_SAMPLES:-32}" --calib-seq-len 512)
+mkdir -p "$OUT"
+echo "== the source: $SRC (a real-weights ERNIE-4.5-MoE built from SmolLM2-135M) =="
+$QK eval perplexity "$SRC" "${EVAL[@]}" --json "$OUT/source.json"
+echo "== 4-bit, the recommended recipe: w4g128, AWQ scaling then GPTQ (vLLM loads it) =="
+$QK quantize "$SRC" -o "$OUT/w4g128-awq-gptq" --recipe w4g128 --method awq+gptq "${CALIB[@]}" --server vllm --force
+$QK eval perplexity "$OUT/w4g128-awq-gptq" "${EVAL[@]}" --json "$OUT/w4g128-awq-gptq.json"
+echo "== 2-bit: routed experts in the 2-bit code (CCQ / WINT2), Hessian-aware encoder; the rest w4g128 GPTQ =="
+$QK quantize "$SRC" -o "$OUT/w2code-gptq" --recipe w2code --method gptq "${CALIB[@]}" --force
+$QK eval perplexity "$OUT/w2code-gptq" "${EVAL[@]}" --json "$OUT/w2code-gptq.json"
+echo
+.venv/bin/python scripts/demo_table.py "$OUT" source w4g128-awq-gptq w2code-gptq
+for m in w4g128-awq-gptq w2code-gptq; do
+    echo
+    echo "== who loads $OUT/$m (quantkit check) =="
+    $QK check "$OUT/$m" || true
+done

@@ -53,7 +53,23 @@ def test_plan_covers_every_weight_and_never_the_router():
     names = {e.module for e in plan.entries}
     assert "model.layers.1.mlp.experts.gate_proj" in names and "model.layers.1.mlp.shared_experts.down_proj" in names
     assert not any(".mlp.gate" == n[-9:] or "embed" in n or "norm" in n for n in names)
-    assert all(e.group_size == 64 and "K=64" in e.note for e in plan.entries if e.shape[-1] == 64)
+    assert all(e.group_size == 64 and "K=64" in e.note for e in plan.entries if e.shape[-1] == 64 and not e.is_experts)
+
+
+def test_a_layers_routed_experts_share_one_fallback_group():
+    """vLLM loads a layer's experts as one MoE with one scheme: the fallback picks a group that divides both
+    gate/up's K (hidden 64) and down's K (moe_intermediate 32), not 64 for one and 32 for the other."""
+    plan = make_plan(tiny_cfg(), BUILTIN_RECIPES["w4g128"])
+    experts = [e for e in plan.entries if e.is_experts]
+    assert experts and {e.group_size for e in experts} == {32}
+    assert all("one group for the layer's routed experts" in e.note for e in experts)
+    # a recipe that gives down_proj its own rule keeps its own group (vLLM then refuses: one scheme per MoE)
+    r = Recipe("down8", rules=((r"experts\.down_proj", Rule(bits=8, group_size=None)), (".*", Rule(bits=4))))
+    plan = make_plan(tiny_cfg(), r)
+    assert plan.entry("model.layers.1.mlp.experts.gate_proj").group_size == 64
+    # per channel stays per channel: one scale per row, K of each projection
+    plan = make_plan(tiny_cfg(), BUILTIN_RECIPES["w8"])
+    assert [plan.entry(f"model.layers.1.mlp.experts.{p}").group_size for p in ("gate_proj", "down_proj")] == [64, 32]
 
 
 def test_fused_groups_must_share_a_rule():

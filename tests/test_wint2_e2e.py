@@ -1,6 +1,5 @@
-"""quantize with the 2-bit code -> load -> run; the FastDeploy fused layout; CLI and inspect."""
+"""quantize with the 2-bit code -> load -> run; CLI and inspect (FastDeploy's layout: test_fastdeploy_export.py)."""
 
-import json
 import subprocess
 import sys
 
@@ -10,7 +9,6 @@ import torch
 import quantkit
 from dequant_reference import dequantized_reference, expert_weights
 from quantkit.errors import UsageError
-from quantkit.format import wint2
 from quantkit.model.safetensors_io import CheckpointReader
 from quantkit.nn.code2 import Code2Stack
 from quantkit.pipeline.quantize import CalibOptions, QuantizeOptions, quantize
@@ -30,32 +28,26 @@ def src(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def outs(src, tmp_path_factory):
-    """The demo recipe written both ways: {export: (output dir, report)}."""
+    """The demo recipe in quantkit's layout: {export: (output dir, report)}."""
     base = tmp_path_factory.mktemp("w2code")
     return {e: (base / e, quantize(str(src), base / e, get_recipe("w2code"), QuantizeOptions(progress=False, export=e)))
-            for e in ("quantkit", "fastdeploy")}
+            for e in ("quantkit",)}
 
 
-@pytest.mark.parametrize("export", ["quantkit", "fastdeploy"])
+@pytest.mark.parametrize("export", ["quantkit"])
 def test_w2code_logits_equal_fp_model_with_dequantized_weights(src, outs, export):
     out, report = outs[export]
     q = quantkit.load(out)
-    assert sum(isinstance(m, Code2Stack) for m in q.modules()) == (2 if export == "fastdeploy" else 3) * 2
+    assert sum(isinstance(m, Code2Stack) for m in q.modules()) == 3 * 2
     ref = dequantized_reference(q, src)
     ids = torch.randint(0, 320, (2, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (q(ids) - ref(ids)).abs().max().item() <= 1e-5
     parts = report["bits_per_weight_parts"]
     assert set(parts) == {"w2code (routed experts)", "w4g128-sym"}
-    names = set(CheckpointReader(out).names())
-    if export == "fastdeploy":
-        assert "model.layers.1.mlp.experts.3.up_gate_proj.quant_weight" in names
-        assert not any(".experts.3.gate_proj." in n for n in names)
-        cfg = json.loads((out / "config.json").read_text())["quantization_config"]
-        assert cfg["moe_quant_type"] == "w4w2" and cfg["moe_quant_config"]["moe_w2_quant_config"]["quant_start_layer"] == 1
 
 
-@pytest.mark.parametrize("export", ["quantkit", "fastdeploy"])
+@pytest.mark.parametrize("export", ["quantkit"])
 def test_decoded_experts_are_the_source_experts(src, outs, export):
     """Each decoded expert projection is close to its own source weight and far from any other one (a swapped
     gate/up, a wrong expert order or transposition in writer and loader alike would fail here)."""
@@ -72,26 +64,6 @@ def test_decoded_experts_are_the_source_experts(src, outs, export):
                     for f in range(DIMS["moe_num_experts"]):
                         if (other_p, f) != (proj, e):
                             assert ((got[e] - w[f]).norm() / w[f].norm()).item() > 1.2
-
-
-def test_fastdeploy_config_names_the_fused_tensors(outs):
-    qc = json.loads((outs["fastdeploy"][0] / "config.json").read_text())["quantization_config"]
-    ignored = " ".join(qc["ignore"])
-    assert "up_gate_proj" in ignored and r"experts\.\d+\.down_proj" in ignored
-    assert r"experts\.\d+\.gate_proj" not in ignored and r"experts\.\d+\.up_proj" not in ignored
-
-
-def test_fused_export_decodes_like_separate_gate_and_up(outs):
-    q = {e: quantkit.load(out) for e, (out, _) in outs.items()}
-    name = "model.layers.2.mlp.experts"
-    for proj in ("gate_proj", "up_proj", "down_proj"):
-        assert torch.equal(expert_weights(q["quantkit"].get_submodule(name), proj),
-                           expert_weights(q["fastdeploy"].get_submodule(name), proj))
-    sep, fused = CheckpointReader(outs["quantkit"][0]), CheckpointReader(outs["fastdeploy"][0])
-    p = "model.layers.2.mlp.experts.5"
-    for leaf in wint2.LEAVES:
-        gate_up = torch.cat([sep.read(f"{p}.gate_proj.{leaf}"), sep.read(f"{p}.up_proj.{leaf}")], dim=-1)
-        assert torch.equal(fused.read(f"{p}.up_gate_proj.{leaf}"), gate_up)
 
 
 def test_w2code_gptq_uses_the_hessian_in_the_pipeline(tmp_path, src, outs):
@@ -122,17 +94,12 @@ def test_cli_quantize_and_inspect(tmp_path, src):
 def test_bad_requests_are_usage_errors(tmp_path, src):
     with pytest.raises(UsageError, match="multiple of 64"):
         quantize("random:ernie-tiny", tmp_path / "x", get_recipe("w2code"), QuantizeOptions(progress=False))
-    with pytest.raises(UsageError, match="2-bit code"):
-        quantize(str(src), tmp_path / "y", get_recipe("w4g128"), QuantizeOptions(progress=False, export="fastdeploy"))
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
-    r = run_cli("quantize", str(src), "-o", str(tmp_path / "z"), "--recipe", "w4g128", "--export", "fastdeploy", "--dry-run")
-    assert r.returncode == 2 and "2-bit code" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("export", ["quantkit", "fastdeploy"])
+@pytest.mark.parametrize("export", ["quantkit"])
 def test_triton_backend_matches_torch(outs, export, monkeypatch):
-    """The fused-MoE kernels read the coded experts (the fused up_gate_proj as two column views) and agree
-    with the torch path (Triton's interpreter on CPU)."""
+    """The fused-MoE kernels read the coded experts and agree with the torch path (Triton's interpreter on CPU)."""
     pytest.importorskip("triton")
     from quantkit.kernels import fused_moe as fm
 

@@ -145,7 +145,7 @@ def _weights_args(bits: int, symmetric: bool, channel: bool, group_size: int) ->
 
 
 def _role_regex(module: str) -> str:
-    """``model.layers.3.mlp.experts.down_proj`` -> a regex for that module's on-disk linears."""
+    """``model.layers.3.mlp.experts.down_proj`` -> a regex for that module's on-disk linears (one per expert)."""
     m = EXPERT_MODULE.match(module)
     if m:
         return "re:^" + re.escape(m.group(1)) + r"\.\d+\." + m.group(2) + "$"
@@ -156,18 +156,16 @@ def _role_regex(module: str) -> str:
 ALWAYS_IGNORED = ["lm_head", r"re:.*\.mlp\.gate$"]
 
 
-def quantization_config(plan: Plan, fused_up_gate: bool = False) -> dict:
+def quantization_config(plan: Plan) -> dict:
     """The ``quantization_config`` block: one config group per distinct (rule, effective group);
     ``ignore`` lists the router, the LM head, every candidate the recipe left unquantized and the modules
-    in the 2-bit code (``format/wint2.py``; described by its own key, not by compressed-tensors), under the
-    names they have on disk (``fused_up_gate``: gate and up experts as one ``up_gate_proj``)."""
+    in the 2-bit code (``format/wint2.py``; described by its own key, not by compressed-tensors)."""
     ignore = ALWAYS_IGNORED + [_role_regex(m) for m in plan.unquantized]
     groups: dict[tuple, list[str]] = defaultdict(list)
     for e in plan.entries:
         if e.rule.format != "int":
-            module = re.sub(r"\.(gate|up)_proj$", ".up_gate_proj", e.module) if fused_up_gate else e.module
-            if _role_regex(module) not in ignore:
-                ignore.append(_role_regex(module))
+            if _role_regex(e.module) not in ignore:
+                ignore.append(_role_regex(e.module))
             continue
         key = (e.rule.bits, e.rule.symmetric, e.rule.group_size is None, e.group_size)
         groups[key].append(e.module)

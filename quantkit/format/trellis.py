@@ -47,10 +47,10 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 
 import torch
 
+from quantkit.format.wint2 import EXPERT_MODULE  # the planned 3-D routed-experts module names, shared by the formats
 from quantkit.format.writer import TensorSpec
 
 SCHEME = "trellis"
@@ -69,7 +69,6 @@ VALUE_RMS = math.sqrt(4 * (256 ** 2 - 1) / 12)  # RMS of the values for uniforml
 TRELLIS, SUH, SVH = "trellis", "suh", "svh"
 LEAVES = (TRELLIS, SUH, SVH)
 SCALE_DTYPE = torch.float16
-EXPERT_MODULE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
 
 
 # -- parameters and shapes -------------------------------------------------------------------------

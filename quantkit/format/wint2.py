@@ -3,7 +3,8 @@ nibble packing, config.json keys, and the reference decoder (the oracle every ot
 
 One weight ``W`` of a routed expert computes ``y = x @ W`` with ``W`` ``[K, N]`` (K inputs, N outputs; the
 transpose of quantkit's ``[N, K]`` in-memory weights). Per expert ``e`` and projection ``P`` on disk
-(``P`` in gate_proj, up_proj, down_proj, or ``up_gate_proj`` = gate and up fused along N, gate columns first):
+(``P`` in gate_proj, up_proj, down_proj; earlier ``--export fastdeploy`` checkpoints also hold ``up_gate_proj`` =
+gate and up fused along N, gate columns first, which quantkit's loader still reads):
 
     model.layers.L.mlp.experts.{e}.P.quant_weight  uint8 [K/4, N]        byte r of column n holds inputs 4r..4r+3
     model.layers.L.mlp.experts.{e}.P.weight_scale  uint8 [ceil(K/128), N] 4-bit local scales, two per byte: the
@@ -13,8 +14,8 @@ transpose of quantkit's ``[N, K]`` in-memory weights). Per expert ``e`` and proj
     model.layers.L.mlp.experts.{e}.P.super_scales  bf16  [N]
     model.layers.L.mlp.experts.{e}.P.code_scale    fp32  [N]
     model.layers.L.mlp.experts.{e}.P.code_zp       fp32  [N]
-(FastDeploy's own key map for ``moe_quant_type: w4w2`` uses exactly these leaf names, under ``ernie.``
-instead of ``model.``; fastdeploy/model_executor/models/ernie4_5_moe.py.)
+(FastDeploy's own key map for ``moe_quant_type: w4w2`` uses exactly these leaf names; the rest of its layout,
+``ernie.`` names and gate|up fused as ``up_gate_proj``, is ``quantkit.format.fastdeploy``'s.)
 
 Decoding byte ``c`` (as a float) of column ``n``, 64-group ``g`` (= k // 64):
     v   = floor(fp32(c * code_scale[n] + code_zp[n]) + 0.5)        an integer, 0 <= v < 2^15 for our encoder
@@ -66,7 +67,6 @@ QUANT_WEIGHT, WEIGHT_SCALE, SUPER_SCALES, CODE_SCALE, CODE_ZP = (
     "quant_weight", "weight_scale", "super_scales", "code_scale", "code_zp")
 LEAVES = (QUANT_WEIGHT, WEIGHT_SCALE, SUPER_SCALES, CODE_SCALE, CODE_ZP)
 SUPER_DTYPE = torch.bfloat16
-FUSED_UP_GATE = "up_gate_proj"  # FastDeploy's fused gate|up projection (gate columns first)
 # a planned 3-D routed-experts module (all E experts of one projection); also used by compressed_tensors
 EXPERT_MODULE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
 
@@ -93,18 +93,12 @@ def tensor_specs(prefix: str, n: int, k: int) -> list[TensorSpec]:
             TensorSpec(f"{prefix}.{CODE_ZP}", torch.float32, (n,))]
 
 
-def expert_prefixes(module: str, num_experts: int, fused: bool = False) -> list[str]:
-    """Disk prefixes of a planned 3-D experts module; with ``fused``, gate_proj maps to ``up_gate_proj`` and
-    up_proj to nothing (it is written inside the fused tensors)."""
+def expert_prefixes(module: str, num_experts: int) -> list[str]:
+    """Disk prefixes of a planned 3-D experts module, one per expert."""
     m = EXPERT_MODULE.match(module)
     if not m:
         raise ValueError(f"{module}: the 2-bit code is for routed experts only")
-    leaf = m.group(2)
-    if fused and leaf == "up_proj":
-        return []
-    if fused and leaf == "gate_proj":
-        leaf = FUSED_UP_GATE
-    return [f"{m.group(1)}.{e}.{leaf}" for e in range(num_experts)]
+    return [f"{m.group(1)}.{e}.{m.group(2)}" for e in range(num_experts)]
 
 
 # -- local-scale nibbles ----------------------------------------------------------------------------
@@ -194,48 +188,26 @@ def decode_triton_bf16(quant_weight: torch.Tensor, weight_scale: torch.Tensor, s
 
 # -- whole modules (planned 3-D routed experts) -------------------------------------------------------
 
-def module_specs(module: str, shape: tuple[int, int, int], fused: bool = False) -> list[TensorSpec]:
-    """Specs of a planned experts module ``[E, N, K]``; fused: gate_proj carries up_proj's columns too."""
+def module_specs(module: str, shape: tuple[int, int, int]) -> list[TensorSpec]:
+    """Specs of a planned experts module ``[E, N, K]``."""
     e, n, k = shape
-    width = 2 * n if fused and module.endswith(".gate_proj") else n
-    return [s for p in expert_prefixes(module, e, fused) for s in tensor_specs(p, width, k)]
+    return [s for p in expert_prefixes(module, e) for s in tensor_specs(p, n, k)]
 
 
-def module_tensors(module: str, ct, fused: bool = False, up=None) -> dict[str, torch.Tensor]:
-    """On-disk tensors of a planned experts module from its stacked ``Code2Tensor`` ``ct`` ([E, ..]).
-    ``fused``: for gate_proj pass up_proj's code as ``up``: one ``up_gate_proj`` per expert, gate columns
-    first (FastDeploy's order); up_proj itself then writes nothing."""
-    prefixes = expert_prefixes(module, ct.quant_weight.shape[0], fused)
-    if not prefixes:
-        return {}
-    parts = ct.tensors()
-    if fused and module.endswith(".gate_proj"):
-        if up is None:
-            raise ValueError(f"{module}: the fused export needs up_proj's code beside gate_proj's")
-        parts = {leaf: torch.cat([t, up.tensors()[leaf]], dim=-1) for leaf, t in parts.items()}
-    return {f"{p}.{leaf}": t[e].contiguous() for e, p in enumerate(prefixes) for leaf, t in parts.items()}
+def module_tensors(module: str, ct) -> dict[str, torch.Tensor]:
+    """On-disk tensors of a planned experts module from its stacked ``Code2Tensor`` ``ct`` ([E, ..])."""
+    prefixes = expert_prefixes(module, ct.quant_weight.shape[0])
+    return {f"{p}.{leaf}": t[e].contiguous() for e, p in enumerate(prefixes) for leaf, t in ct.tensors().items()}
 
 
-def config_block(modules: list[str], fused: bool) -> dict:
+def config_block(modules: list[str]) -> dict:
     """What config.json's ``quantization_config[CONFIG_KEY]`` says: the scheme, its layout, and which
     modules (in-memory names, all experts of a layer each) and layers use it."""
     layers = sorted({int(m.split(".")[2]) for m in modules})
     return {"scheme": SCHEME, "format_version": FORMAT_VERSION, "group_size": GROUP, "super_scale_dtype": "bfloat16",
-            "layout": "fastdeploy-fused-up-gate" if fused else "per-projection", "layers": layers,
-            "layer_ranges": _ranges(layers), "modules": sorted(modules),
+            "layout": "per-projection", "layers": layers, "layer_ranges": _ranges(layers), "modules": sorted(modules),
             "decode": "v = floor(c * code_scale + code_zp + 0.5); q_i = ((v >> (9 - 3i)) & 0x3F) - 32; "
                       "w[4r+i, n] = q_i * local_scale[(4r+i) // 64, n] * super_scales[n]"}
-
-
-def fastdeploy_keys(layers: list[int]) -> dict:
-    """FastDeploy's own ``quantization_config`` keys for w2 expert layers (its docs/quantization/wint2.md).
-    Only a contiguous range is expressible; other MoE layers are what FastDeploy calls the w4 range."""
-    if _ranges(layers) != [[layers[0], layers[-1]]]:
-        raise ValueError(f"FastDeploy's config takes one contiguous w2 layer range, got {_ranges(layers)}")
-    return {"quantization": "wint2", "moe_quant_type": "w4w2",
-            "moe_quant_config": {"moe_w2_quant_config": {"quant_type": "wint2", "quant_granularity": "pp_acc",
-                                                         "quant_group_size": GROUP, "quant_start_layer": layers[0],
-                                                         "quant_end_layer": layers[-1]}}}
 
 
 def _ranges(layers: list[int]) -> list[list[int]]:

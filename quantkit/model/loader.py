@@ -27,7 +27,7 @@ from quantkit.model.safetensors_io import CheckpointReader
 
 # In memory ``experts.gate_proj`` (dense, 3-D) or ``experts.gate_proj.weight_packed`` (quantized, stacked);
 # on disk ``experts.{e}.gate_proj.weight`` / ``experts.{e}.gate_proj.weight_packed``.
-# The 2-bit code's FastDeploy layout adds ``experts.up_gate_proj.quant_weight`` (gate and up fused).
+# Earlier FastDeploy-style exports add ``experts.up_gate_proj.quant_weight`` (gate and up fused), still read.
 EXPERT_PARAM = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj|up_gate_proj)(?:\.(\w+))?$")
 # Checkpoint tensors that exist in some releases and that the model does not use.
 IGNORED_TENSORS = re.compile(r"(^|\.)mtp|rotary_emb\.inv_freq$")
@@ -60,33 +60,8 @@ class Checkpoint:
         if verify:
             verify_checksums(self.path)
         self.qconfig = self.config.raw.get("quantization_config")
-        if self.qconfig is not None and self.qconfig.get("quant_method") != "compressed-tensors":
-            raise QuantkitError(f"{self.path}: quantization method {self.qconfig.get('quant_method')!r} is not supported "
-                                "(quantkit reads compressed-tensors pack-quantized checkpoints)")
-        with torch.device("meta"):
-            self.skeleton = ErnieMoeForCausalLM(self.config)
-            if self.qconfig is not None:
-                from quantkit.nn.swap import swap_quantized_modules
-
-                swap_quantized_modules(self.skeleton, self.config, self.qconfig, self.reader)
-        # the RoPE table is computed, not loaded: give the skeleton a real one (a few KB)
-        self.skeleton.rotary = RotaryEmbedding(self.config.head_dim, self.config.rope_theta)
-        self._check_names()
-
-    def _param_names(self) -> list[str]:
-        return [n for n, _ in model_tensors(self.skeleton)]
-
-    def _check_names(self) -> None:
-        """Every parameter has its tensors and every tensor has a parameter: never silently random."""
-        expected = {s for p in self._param_names() for s in source_names(p, self.config)}
-        present = {n for n in self.reader.names() if not IGNORED_TENSORS.search(n)}
-        if self.config.tie_word_embeddings:
-            present.discard("lm_head.weight")
-        missing, unknown = sorted(expected - present), sorted(present - expected)
-        if missing:
-            raise QuantkitError(f"{self.path}: {len(missing)} tensors missing from the checkpoint, e.g. {missing[0]}")
-        if unknown:
-            raise QuantkitError(f"{self.path}: {len(unknown)} unknown tensors in the checkpoint, e.g. {unknown[0]}")
+        self.skeleton = build_skeleton(self.config, self.qconfig, self.reader, self.path)
+        check_names(self.skeleton, self.config, self.reader.names(), self.path)
 
     def read_param(self, param: str, dtype: torch.dtype) -> torch.Tensor:
         """Read one module parameter (experts are stacked into [E, N, K]) and cast it for use."""
@@ -120,6 +95,51 @@ class Checkpoint:
             else:
                 owner._parameters[leaf] = nn.Parameter(t.to(device), requires_grad=False)
         return module
+
+
+def build_skeleton(config: ErnieMoeConfig, qconfig: dict | None, reader, where) -> ErnieMoeForCausalLM:
+    """The model on the meta device, with quantized modules swapped in where the checkpoint stores them.
+    ``reader`` needs ``names()``, ``in`` and ``info(name).shape/.dtype`` (a ``CheckpointReader``, or the
+    header-only view ``quantkit check`` uses)."""
+    if qconfig is not None and qconfig.get("quantization") == "wint2" and "quant_method" not in qconfig:
+        raise QuantkitError(f"{where}: a FastDeploy wint2 export (ernie.* names, Paddle layouts) is for FastDeploy; "
+                            "quantkit loads its own layout (quantize with --export quantkit)")
+    if qconfig is not None and qconfig.get("quant_method") != "compressed-tensors":
+        raise QuantkitError(f"{where}: quantization method {qconfig.get('quant_method')!r} is not supported "
+                            "(quantkit reads compressed-tensors pack-quantized checkpoints)")
+    with torch.device("meta"):
+        skeleton = ErnieMoeForCausalLM(config)
+        if qconfig is not None:
+            from quantkit.nn.swap import swap_quantized_modules
+
+            swap_quantized_modules(skeleton, config, qconfig, reader)
+    # the RoPE table is computed, not loaded: give the skeleton a real one (a few KB)
+    skeleton.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+    return skeleton
+
+
+def expected_tensors(skeleton: nn.Module, config: ErnieMoeConfig) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Every checkpoint tensor the skeleton reads, with the dtype and shape its parameter holds (experts: one
+    tensor per expert, of the stacked parameter's shape without its first dimension)."""
+    out = {}
+    for param, t in model_tensors(skeleton):
+        names = source_names(param, config)
+        for n in names:
+            out[n] = (t.dtype, tuple(t.shape[1:]) if len(names) > 1 else tuple(t.shape))
+    return out
+
+
+def check_names(skeleton: nn.Module, config: ErnieMoeConfig, names, where) -> None:
+    """Every parameter has its tensors and every tensor has a parameter: never silently random."""
+    expected = set(expected_tensors(skeleton, config))
+    present = {n for n in names if not IGNORED_TENSORS.search(n)}
+    if config.tie_word_embeddings:
+        present.discard("lm_head.weight")
+    missing, unknown = sorted(expected - present), sorted(present - expected)
+    if missing:
+        raise QuantkitError(f"{where}: {len(missing)} tensors missing from the checkpoint, e.g. {missing[0]}")
+    if unknown:
+        raise QuantkitError(f"{where}: {len(unknown)} unknown tensors in the checkpoint, e.g. {unknown[0]}")
 
 
 def model_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:

@@ -17,7 +17,7 @@ from quantkit.model.config import ErnieMoeConfig
 from quantkit.model.ernie import ErnieMoeForCausalLM
 from quantkit.model.loader import default_dtype, model_tensors
 from quantkit.pipeline.layer_quant import EXPERT_CHUNK
-from quantkit.quant.config import Recipe, make_plan
+from quantkit.quant.config import Recipe
 from quantkit.sources import resolve
 
 BASELINE_HOST_BYTES = 400 << 20
@@ -28,15 +28,16 @@ def _nbytes(t: torch.Tensor, dtype: torch.dtype) -> int:
 
 
 def dry_run(src: str, recipe: Recipe, options) -> dict:
-    from quantkit.pipeline.quantize import check_export, output_specs
+    from quantkit.pipeline.quantize import check_servers, output_plan
+    from quantkit.serving import SERVERS
 
     path = resolve(src)
     cfg = ErnieMoeConfig.from_dir(path)
-    plan = make_plan(cfg, recipe)
     with torch.device("meta"):
         skeleton = ErnieMoeForCausalLM(cfg)
     dtype = default_dtype(cfg)
-    specs = output_specs(skeleton, cfg, plan, dtype, check_export(plan, options.export))
+    plan, specs = output_plan(cfg, recipe, options.export, skeleton, dtype)
+    servers = check_servers(cfg, plan, specs, options.export, SERVERS, options.tp)
     out_bytes = sum(s.nbytes for s in specs)
     src_bytes = sum(_nbytes(t, torch.float32 if t.dtype == torch.float32 and "gate.weight" in n else dtype)
                     for n, t in model_tensors(skeleton))
@@ -44,7 +45,7 @@ def dry_run(src: str, recipe: Recipe, options) -> dict:
     compute = torch.float32 if calibrated else dtype
     layers = skeleton.model.layers
     layer_bytes = max(sum(_nbytes(t, compute) for _, t in model_tensors(l)) for l in layers)
-    quant_layer = max(sum(s.nbytes for s in specs if s.name.startswith(f"model.layers.{i}.")) for i in range(len(layers)))
+    quant_layer = max(sum(s.nbytes for s in specs if s.name.split(".", 1)[-1].startswith(f"layers.{i}.")) for i in range(len(layers)))
     hidden = hessians = gptq_ws = 0
     if calibrated:
         c = options.calib
@@ -73,6 +74,7 @@ def dry_run(src: str, recipe: Recipe, options) -> dict:
         "peak_host_bytes": (device_peak if on_cpu else layer_bytes) + BASELINE_HOST_BYTES,
         "peak_gpu_bytes": None if on_cpu else device_peak,
         "disk_bytes": out_bytes + hidden // 2,
+        "servers": {s: [r.line() for r in reasons] for s, reasons in servers.items()}, "tp": options.tp,
         "breakdown": {"largest_layer": layer_bytes, "quantized_layer": quant_layer, "hidden_states": hidden,
                       "hessians": hessians, "gptq_working_set": gptq_ws},
     }
@@ -90,11 +92,14 @@ def format_dry_run(r: dict, max_rows: int = 12) -> str:
     for p in notes[:max_rows]:
         lines.append(f"    note: {p['module']}: {p['note']}")
     if len(notes) > max_rows:
-        lines.append(f"    note: {len(notes) - max_rows} more group-size fallbacks")
+        lines.append(f"    note: {len(notes) - max_rows} more notes")
     b = r["breakdown"]
     lines += [f"  output size: {gb(r['output_bytes'])} (source {gb(r['source_bytes'])})",
               f"  disk needed: {gb(r['disk_bytes'])}",
               f"  peak host memory: ~{gb(r['peak_host_bytes'])}" + (f", peak GPU memory: ~{gb(r['peak_gpu_bytes'])}" if r["peak_gpu_bytes"] else ""),
               f"    (largest layer {gb(b['largest_layer'])}, its quantized form {gb(b['quantized_layer'])}, "
               f"hidden states {gb(b['hidden_states'])}, Hessians {gb(b['hessians'])}, GPTQ working set {gb(b['gptq_working_set'])})"]
+    lines.append("  servers that could load the output" + (f" (tp={r['tp']})" if r["tp"] > 1 else "") + ":")
+    for server, reasons in r["servers"].items():
+        lines += [f"    {server}: yes"] if not reasons else [f"    {server}: no: {why}" for why in reasons]
     return "\n".join(lines)

@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 from quantkit import __version__
 from quantkit.errors import UsageError
 from quantkit.format import compressed_tensors as fmt
+from quantkit.format import fastdeploy, wint2
 from quantkit.format import trellis as trellis_fmt
-from quantkit.format import wint2
 from quantkit.format.writer import CheckpointWriter, TensorSpec
 from quantkit.model.loader import FP32_PARAMS, Checkpoint, default_dtype, model_tensors, source_names, stream_layers
 from quantkit.calib.capture import EXPERT_CALIBRATION, capture_layer
@@ -30,6 +30,7 @@ from quantkit.calib.data import DEFAULT_CALIB, calibration_windows
 from quantkit.calib.hidden import HiddenStore
 from quantkit.pipeline import resume
 from quantkit.pipeline.awq_apply import apply_awq
+from quantkit.pipeline.finite import NonFiniteError, check_activations, check_source
 from quantkit.pipeline.layer_quant import quantize_layer
 from quantkit.quant.config import Plan, PlanEntry, Recipe, make_plan
 from quantkit.sources import resolve
@@ -64,34 +65,36 @@ class QuantizeOptions:
     force: bool = False
     progress: bool = True
     calib: CalibOptions = CalibOptions()
-    export: str = "quantkit"  # or "fastdeploy": experts in the 2-bit code get FastDeploy's fused up_gate_proj
+    export: str = "quantkit"  # or "fastdeploy": FastDeploy's wint2 checkpoint (quantkit.format.fastdeploy)
+    server: str | None = None  # refuse a plan this server could not load (quantkit.serving), before any work
+    tp: int = 1  # the tensor-parallel size the server check assumes
 
     def __post_init__(self):
+        from quantkit.serving import SERVERS
+
         if self.export not in EXPORTS:
             raise UsageError(f"--export must be one of {', '.join(EXPORTS)}, got {self.export!r}")
+        if self.server is not None and self.server not in SERVERS:
+            raise UsageError(f"--server must be one of {', '.join(SERVERS)}, got {self.server!r}")
+        if self.tp < 1:
+            raise UsageError(f"--tp must be >= 1, got {self.tp}")
 
 
 EXPORTS = ("quantkit", "fastdeploy")
 
 
-def check_export(plan: Plan, export: str) -> bool:
-    """Whether the plan is written in FastDeploy's fused layout; a clear error where it cannot be."""
-    if export != "fastdeploy":
-        return False
-    layers = sorted({int(e.module.split(".")[2]) for e in plan.entries if e.rule.format == "code2"})
-    if not layers:
-        raise UsageError("--export fastdeploy is for routed experts in the 2-bit code: use a w2code recipe")
-    try:
-        wint2.fastdeploy_keys(layers)
-    except ValueError as e:
-        raise UsageError(f"--export fastdeploy: {e}") from None
-    return True
+def refuse(server: str, reasons: list, tp: int = 1) -> None:
+    """A UsageError (one line) when ``server`` could not load the planned output."""
+    if reasons:
+        more = f"; and {len(reasons) - 1} more reason(s) (--dry-run lists them)" if len(reasons) > 1 else ""
+        raise UsageError(f"{server}{f' (tp={tp})' if tp > 1 else ''} could not load this output, nothing was written: "
+                         + reasons[0].line() + more)
 
 
-def entry_specs(entry: PlanEntry, dtype: torch.dtype, fused: bool) -> list[TensorSpec]:
+def entry_specs(entry: PlanEntry, dtype: torch.dtype) -> list[TensorSpec]:
     """On-disk tensors of one planned module (per expert for routed experts)."""
     if entry.rule.format == "code2":
-        return wint2.module_specs(entry.module, entry.shape, fused)
+        return wint2.module_specs(entry.module, entry.shape)
     if entry.rule.format == "trellis":
         return trellis_fmt.module_specs(entry.module, entry.shape, entry.rule.bits)
     n, k = entry.shape[-2:]
@@ -105,19 +108,53 @@ def planned_module(param: str, plan: Plan) -> PlanEntry | None:
     return plan.entry(module)
 
 
-def output_specs(skeleton, cfg, plan: Plan, dtype: torch.dtype, fused: bool = False) -> list[TensorSpec]:
+def output_specs(skeleton, cfg, plan: Plan, dtype: torch.dtype) -> list[TensorSpec]:
     """Every tensor of the output, in checkpoint order, with its dtype and shape (from the config alone)."""
     specs = []
     for name, t in model_tensors(skeleton):
         entry = planned_module(name, plan)
         if entry is not None:
-            specs += entry_specs(entry, dtype, fused)
+            specs += entry_specs(entry, dtype)
             continue
         out_dtype = torch.float32 if FP32_PARAMS.search(name) else dtype
         disk = source_names(name, cfg)
         shape = tuple(t.shape[1:]) if len(disk) > 1 else tuple(t.shape)  # e_score_correction_bias keeps the Hub's [1, E]
         specs += [TensorSpec(d, out_dtype, shape) for d in disk]
     return specs
+
+
+def output_plan(cfg, recipe: Recipe, export: str, skeleton, dtype: torch.dtype) -> tuple[Plan, list[TensorSpec]]:
+    """The plan and every output tensor of an export: quantkit's layout, or FastDeploy's
+    (``quantkit.format.fastdeploy``, which refuses what FastDeploy cannot express before any work)."""
+    if export == "fastdeploy":
+        plan = fastdeploy.plan(cfg, recipe)
+        return plan, fastdeploy.output_specs(cfg.raw, plan)
+    plan = make_plan(cfg, recipe)
+    return plan, output_specs(skeleton, cfg, plan, dtype)
+
+
+def output_config(cfg, plan: Plan, export: str = "quantkit") -> dict:
+    """The output's config.json: FastDeploy's for its export; else the source's with the compressed-tensors
+    ``quantization_config`` that describes the plan (and the 2-bit code's own block)."""
+    if export == "fastdeploy":
+        return fastdeploy.config_json(cfg.raw, plan)
+    config = dict(cfg.raw)
+    config["quantization_config"] = qconfig = fmt.quantization_config(plan)
+    code2_modules = [e.module for e in plan.entries if e.rule.format == "code2"]
+    if code2_modules:
+        qconfig[wint2.CONFIG_KEY] = wint2.config_block(code2_modules)
+    trellis_modules = {e.module: (e.rule.bits, e.rule.state_bits) for e in plan.entries if e.rule.format == "trellis"}
+    if trellis_modules:
+        qconfig[trellis_fmt.CONFIG_KEY] = trellis_fmt.config_block(trellis_modules)
+    return config
+
+
+def check_servers(cfg, plan: Plan, specs: list[TensorSpec], export: str, servers, tp: int = 1) -> dict:
+    """What each server would say of the planned output (``quantkit.serving``), before any work."""
+    from quantkit.serving import CheckpointView, check
+
+    view = CheckpointView.from_specs(output_config(cfg, plan, export), specs)
+    return {s: check(view, s, tp) for s in servers}
 
 
 class QuantizeRun:
@@ -133,10 +170,12 @@ class QuantizeRun:
         if self.ckpt.qconfig is not None:
             raise UsageError(f"{src} is already quantized; quantize the original checkpoint")
         self.cfg, self.dtype = self.ckpt.config, default_dtype(self.ckpt.config)
-        self.plan = make_plan(self.cfg, recipe)
-        self.code2_modules = [e.module for e in self.plan.entries if e.rule.format == "code2"]
-        self.fused = check_export(self.plan, options.export)
-        self.specs = output_specs(self.ckpt.skeleton, self.cfg, self.plan, self.dtype, self.fused)
+        self.fd = options.export == "fastdeploy"  # FastDeploy's layout: quantkit.format.fastdeploy owns it
+        self.plan, self.specs = output_plan(self.cfg, recipe, options.export, self.ckpt.skeleton, self.dtype)
+        if options.server:
+            refuse(options.server, check_servers(self.cfg, self.plan, self.specs, options.export, [options.server],
+                                                 options.tp)[options.server], options.tp)
+        self.scale_dtype = torch.bfloat16 if self.fd else self.dtype
         self.calibrated = any(e.rule.method != "rtn" for e in self.plan.entries)
         self.out = Path(out).expanduser().resolve()
         self.partial = self.out.parent / f".{self.out.name}.partial"
@@ -153,12 +192,17 @@ class QuantizeRun:
         c = self.opt.calib
         windows = calibration_windows(c.data, Tokenizer(self.path), c.samples, c.seq_len, c.seed)
         embed = self.ckpt.read_param("model.embed_tokens.weight", torch.float32).to(self.opt.device)
+        check_source(["model.embed_tokens.weight"], embed)
         self.hidden = HiddenStore(self.partial / resume.HIDDEN_DIR, c.memory_budget, self.opt.device)
         for i in range(0, len(windows), c.batch_size):
             self.hidden.append(torch.nn.functional.embedding(windows[i:i + c.batch_size].to(self.opt.device), embed))
 
     def write_plain(self, name: str, t: torch.Tensor) -> None:
         self.state["total_weights"] += t.numel()
+        if self.fd:
+            for d, part in fastdeploy.plain_tensors(name, t).items():
+                self.writer.write(d, part)
+            return
         disk = source_names(name, self.cfg)
         for d, part in zip(disk, [t] if len(disk) == 1 else list(t)):
             spec = self.writer.shards.where[d][2]
@@ -167,19 +211,25 @@ class QuantizeRun:
     def write_globals(self) -> None:
         names = ("model.embed_tokens.weight", "model.norm.weight") + (() if self.cfg.tie_word_embeddings else ("lm_head.weight",))
         for name in names:
-            self.write_plain(name, self.ckpt.read_param(name, self.dtype))
+            t = self.ckpt.read_param(name, self.dtype)
+            check_source([name], t)
+            self.write_plain(name, t)
 
     def run_layer(self, idx: int, layer) -> None:
         t0 = time.perf_counter()
         prefix, c = f"model.layers.{idx}", self.opt.calib
         entries = [e for e in self.plan.entries if e.module.startswith(prefix + ".")]
         cap = awq_alphas = None
+        for name, t in model_tensors(layer):
+            check_source(source_names(f"{prefix}.{name}", self.cfg), t)
         if self.calibrated:
             cap = capture_layer(layer, self.hidden, self.cos, self.sin, expert_calibration=c.expert_calibration,
                                 prob_weighted=c.prob_weighted)
+            for key, stat in cap.stats.items():
+                check_activations(f"{prefix}.{key}", stat.abs_sum)
             if any("awq" in e.rule.method for e in entries):
                 awq_alphas = apply_awq(layer, cap, {e.module[len(prefix) + 1:]: e for e in entries})
-        res = quantize_layer(layer, prefix, entries, cap, scale_dtype=self.dtype, min_expert_tokens=c.min_expert_tokens,
+        res = quantize_layer(layer, prefix, entries, cap, scale_dtype=self.scale_dtype, min_expert_tokens=c.min_expert_tokens,
                              expert_calibration=c.expert_calibration)
         for name, t in model_tensors(layer):
             full = f"{prefix}.{name}"
@@ -190,9 +240,10 @@ class QuantizeRun:
             self.state["total_weights"] += t.numel()
             self.state["quantized_weights"] += t.numel()
             rel = entry.module[len(prefix) + 1:]
-            if entry.rule.format == "code2":
-                up = res.qtensors.get(rel.replace("gate_proj", "up_proj")) if self.fused and rel.endswith("gate_proj") else None
-                tensors = wint2.module_tensors(entry.module, res.qtensors[rel], self.fused, up)
+            if self.fd:
+                tensors = fastdeploy.module_tensors(entry.module, res.qtensors, prefix)
+            elif entry.rule.format == "code2":
+                tensors = wint2.module_tensors(entry.module, res.qtensors[rel])
             elif entry.rule.format == "trellis":
                 tensors = trellis_fmt.module_tensors(entry.module, res.qtensors[rel])
             else:
@@ -201,10 +252,15 @@ class QuantizeRun:
                 self.writer.write(k, v)
         if self.calibrated:
             with torch.no_grad():  # the quantized layer feeds the next
-                self.hidden = self.hidden.map(lambda h: layer(h, self.cos, self.sin))
+                self.hidden = self.hidden.map(lambda h: self._checked(layer(h, self.cos, self.sin), prefix))
             self.state["layers"].append({
                 "layer": idx, "moe": bool(layer.is_moe), "seconds": round(time.perf_counter() - t0, 2), "errors": res.errors, "awq_alpha": awq_alphas, "rtn_fallback_experts": res.rtn_fallback_experts,
                 "expert_tokens": None if cap.expert_tokens is None else cap.expert_tokens.tolist()})
+
+    @staticmethod
+    def _checked(h: torch.Tensor, prefix: str) -> torch.Tensor:
+        check_activations(prefix, h, what="output")
+        return h
 
     def checkpoint_progress(self, idx: int) -> None:
         self.state["layers_done"] = idx
@@ -216,27 +272,17 @@ class QuantizeRun:
         w = self.writer
         shards = w.shards.close()
         resume.clear_state(self.partial)
-        config = dict(self.cfg.raw)
-        config["quantization_config"] = qconfig = fmt.quantization_config(self.plan, self.fused)
-        if self.code2_modules:
-            qconfig[wint2.CONFIG_KEY] = wint2.config_block(self.code2_modules, self.fused)
-        trellis_modules = {e.module: (e.rule.bits, e.rule.state_bits) for e in self.plan.entries if e.rule.format == "trellis"}
-        if trellis_modules:
-            qconfig[trellis_fmt.CONFIG_KEY] = trellis_fmt.config_block(trellis_modules)
-        if self.fused:
-            layers = qconfig[wint2.CONFIG_KEY]["layers"]
-            qconfig.update(wint2.fastdeploy_keys(layers))
-        w.write_json("config.json", config)
+        w.write_json("config.json", output_config(self.cfg, self.plan, self.opt.export))
         copied = w.copy_small_files(self.path)
         plan_rows = [{"module": e.module, "shape": list(e.shape), "rule": e.rule.label, "method": e.rule.method,
                       "group_size": e.group_size, "note": e.note} for e in self.plan.entries]
         w.write_json(fmt.METADATA_FILE, {
-            "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "quantkit_version": __version__,
+            "format": fastdeploy.FORMAT_NAME if self.fd else fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "quantkit_version": __version__,
             "recipe": self.plan.recipe.to_dict(), "plan": plan_rows, "unquantized": list(self.plan.unquantized), "shards": shards})
         parts: dict[str, list[int]] = {}  # rule label -> [bytes, weights]
         for e in self.plan.entries:
             acc = parts.setdefault(e.rule.label + (" (routed experts)" if e.is_experts else ""), [0, 0])
-            acc[0] += sum(s.nbytes for s in entry_specs(e, self.dtype, self.fused))
+            acc[0] += fastdeploy.entry_bytes(e) if self.fd else sum(s.nbytes for s in entry_specs(e, self.dtype))
             acc[1] += math.prod(e.shape)
         quantized_bytes = sum(b for b, _ in parts.values())
         st = self.state
@@ -264,11 +310,18 @@ class QuantizeRun:
 
     # -- the whole run -------------------------------------------------------------------------------
     def run(self, resume_run: bool = False) -> dict:
+        try:
+            return self._run(resume_run)
+        except NonFiniteError:  # no run could ever finish this partial output: leave nothing behind
+            shutil.rmtree(self.partial, ignore_errors=True)
+            raise
+
+    def _run(self, resume_run: bool) -> dict:
         saved = resume.load_state(self.partial, self.fp) if resume_run else None
         if saved is None and self.partial.exists():
             shutil.rmtree(self.partial)  # a stale partial of another (or an unresumed) run
         with CheckpointWriter(self.out, self.specs, max_shard_bytes=self.opt.max_shard_bytes, force=self.opt.force,
-                              metadata={"quantkit_format": fmt.FORMAT_NAME}, partial=self.partial,
+                              metadata={"quantkit_format": fastdeploy.FORMAT_NAME if self.fd else fmt.FORMAT_NAME}, partial=self.partial,
                               reuse=saved is not None) as self.writer:
             if self.calibrated:
                 self.cos, self.sin = (t.to(self.opt.device) for t in self.ckpt.skeleton.rope(0, self.opt.calib.seq_len, "cpu"))
@@ -283,14 +336,13 @@ class QuantizeRun:
             if saved is None:
                 self.write_globals()
             start = self.state["layers_done"] + 1
-            bar = tqdm(total=self.cfg.num_hidden_layers, initial=start, desc="quantize", unit="layer",
-                       disable=not self.opt.progress, file=sys.stderr)
             compute_dtype = torch.float32 if self.calibrated else self.dtype
-            for idx, layer in stream_layers(self.ckpt, device=self.opt.device, dtype=compute_dtype, start=start):
-                self.run_layer(idx, layer)
-                self.checkpoint_progress(idx)
-                bar.update(1)
-            bar.close()
+            with tqdm(total=self.cfg.num_hidden_layers, initial=start, desc="quantize", unit="layer",
+                      disable=not self.opt.progress, file=sys.stderr) as bar:  # closed before an error is printed
+                for idx, layer in stream_layers(self.ckpt, device=self.opt.device, dtype=compute_dtype, start=start):
+                    self.run_layer(idx, layer)
+                    self.checkpoint_progress(idx)
+                    bar.update(1)
             return self.finish()
 
 
@@ -318,7 +370,7 @@ def format_summary(r: dict) -> str:
     for f in r["fallbacks"][:5]:
         lines.append(f"  note: {f['module']}: {f['note']}")
     if len(r["fallbacks"]) > 5:
-        lines.append(f"  note: {len(r['fallbacks']) - 5} more group-size fallbacks (see {REPORT_FILE})")
+        lines.append(f"  note: {len(r['fallbacks']) - 5} more notes (see {REPORT_FILE})")
     return "\n".join(lines)
 
 

@@ -30,6 +30,7 @@ and the plan records it per module (``Plan.entries[i].note``). If none exists th
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -302,6 +303,17 @@ def candidate_modules(cfg: ErnieMoeConfig) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
+def _joint_k(cfg: ErnieMoeConfig, recipe: Recipe, name: str, rule: Rule, shape: tuple[int, ...]) -> int:
+    """The K a group must divide: the module's own, or for routed experts the gcd of the layer's expert Ks
+    (H for gate/up, I for down) when the three share a rule, so that the fallback gives all of them one
+    group (vLLM: "All MoE projections need to have same quantization scheme")."""
+    if len(shape) != 3 or rule.group_size is None:  # per channel: one scale per row whatever K is
+        return shape[-1]
+    stem = name.rpartition(".")[0]
+    same = all(recipe.rule_for(f"{stem}.{leaf}") == rule for leaf in ("gate_proj", "up_proj", "down_proj"))
+    return math.gcd(cfg.hidden_size, cfg.moe_intermediate_size) if same else shape[-1]
+
+
 def make_plan(cfg: ErnieMoeConfig, recipe: Recipe) -> Plan:
     """Resolve the recipe against the model; validate that fused groups (q/k/v, gate/up) share one rule."""
     recipe = resolve_recipe(recipe, cfg)
@@ -331,7 +343,9 @@ def make_plan(cfg: ErnieMoeConfig, recipe: Recipe) -> Plan:
                                  "(use rtn or gptq)")
             entries.append(PlanEntry(name, shape, rule, shape[-1]))
             continue
-        g, note = effective_group(rule.group_size, shape[-1])
+        g, note = effective_group(rule.group_size, _joint_k(cfg, recipe, name, rule, shape))
+        if note and len(shape) == 3:
+            note += " (one group for the layer's routed experts, which servers load as one MoE)"
         entries.append(PlanEntry(name, shape, rule, g, note))
     by_name = {e.module: e for e in entries}
     for name, _ in candidate_modules(cfg):

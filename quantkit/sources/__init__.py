@@ -1,5 +1,8 @@
 """Model sources: an HF-style directory, or a built-in name materialised as one (and cached).
 
+Anything else is a local directory or, when no such path exists, a Hugging Face Hub id ``ORG/NAME[@REVISION]``
+fetched through huggingface_hub (``sources/hub.py``).
+
 Built-in names:
   ``random:ernie-tiny``                 tiny random ERNIE-4.5-MoE (tests)
   ``random:ernie-21b-a3b?layers=N``     21B-A3B dimensions, random weights, N layers (default 2), sharded
@@ -95,7 +98,8 @@ def _demo(spec: str) -> Path:
 
 
 def resolve(src: str | os.PathLike) -> Path:
-    """Turn a model source into an existing HF-layout directory (building a built-in one if needed)."""
+    """Turn a model source into an existing HF-layout directory (building a built-in one, or fetching a Hub
+    repo, if needed); a local path of that name always wins over a Hub id."""
     s = str(src)
     if s.startswith("random:"):
         return _random(s[len("random:"):])
@@ -103,7 +107,12 @@ def resolve(src: str | os.PathLike) -> Path:
         return _demo(s[len("demo:"):])
     path = Path(s).expanduser()
     if not path.exists():
-        raise UsageError(f"model {s!r}: no such directory (or use a built-in name: random:ernie-tiny, demo:smollm2-moe, ...)")
+        from quantkit.sources import hub
+
+        if hub.looks_like_hub_id(s):
+            return hub.fetch(s)
+        raise UsageError(f"model {s!r}: no such directory (or use a Hub id ORG/NAME[@REVISION] or a built-in name: "
+                         "random:ernie-tiny, demo:smollm2-moe, ...)")
     if not path.is_dir():
         raise UsageError(f"model {s!r} is a file; give the checkpoint directory")
     return path
