@@ -144,6 +144,16 @@ def code2_weight(lead: tuple, n: int, k: int, device: str):
     return Code2Weight(qw, ws, sup, cs, zp)
 
 
+def trellis_weight(lead: tuple, n: int, k: int, device: str, bits: int = 2, L: int = 16):
+    """Random trellis words (any stream is a valid code) and fp16 suh/svh of the encoder's magnitudes."""
+    from quantkit.kernels.reference import TrellisWeight
+
+    words = torch.randint(-2 ** 31, 2 ** 31 - 1, (*lead, n // 16, k // 16, 8 * bits), dtype=torch.int32, device=device)
+    suh = (0.08 * torch.randn(*lead, k, device=device)).half()
+    svh = (2e-3 * torch.randn(*lead, n, device=device)).half()
+    return TrellisWeight(words, suh, svh, bits, L)
+
+
 def grouped_moe_bf16(x, ids, weights, experts):
     """The bf16 MoE in torch without a host sync (so a CUDA graph can hold it): (token, expert) pairs sorted by
     expert, one ``torch._grouped_mm`` per projection over all E experts' weights (experts without pairs are

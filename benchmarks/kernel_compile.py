@@ -111,6 +111,7 @@ def launch_variants(ms: list[int], quick: bool) -> list[dict]:
 
     from quantkit.kernels import dense, fused_moe, pointwise, routing
     from quantkit.kernels.code2 import code2_linear
+    from quantkit.kernels.trellis import trellis_linear, trellis_moe
 
     log: list[dict] = []
     context: dict = {}
@@ -121,7 +122,8 @@ def launch_variants(ms: list[int], quick: bool) -> list[dict]:
     bf, fp = torch.bfloat16, torch.float16
     dev = "cpu"
     dense_formats = {"w4g128": (lambda n, k: gc.int_weight((), n, k, dev), bf),
-                     "w2code": (lambda n, k: gc.code2_weight((), n, k, dev), bf)}
+                     "w2code": (lambda n, k: gc.code2_weight((), n, k, dev), bf),
+                     "w2trellis": (lambda n, k: gc.trellis_weight((), n, k, dev), bf)}
     extra = {"w4g128-asym fp16": (lambda n, k: gc.int_weight((), n, k, dev, asym=True), fp),
              "w8 channel": (lambda n, k: gc.int_weight((), n, k, dev, bits=8, group=k), bf),
              "w2g64-asym": (lambda n, k: gc.int_weight((), n, k, dev, bits=2, group=64, asym=True), bf)}
@@ -131,14 +133,16 @@ def launch_variants(ms: list[int], quick: bool) -> list[dict]:
             w = make(n, k)
             for m in ms:
                 context.update(layer=name, format=fmt, m=m, n=n, k=k)
-                op = code2_linear if fmt == "w2code" else dense.int_linear
+                op = {"w2code": code2_linear, "w2trellis": trellis_linear}.get(fmt, dense.int_linear)
                 op(torch.zeros(m, k, dtype=dtype), w)
     n, k = DENSE["shared gate/up"]
     for fmt, (make, dtype) in dense_formats.items():  # the SwiGLU's gate and up in one launch (shared experts)
         g, u = make(n, k), make(n, k)
         for m in ms:
             context.update(layer="shared gate+up", format=fmt, m=m, n=n, k=k)
-            dense.gate_up(torch.zeros(m, k, dtype=dtype), g, u)
+            if dense.gate_up(torch.zeros(m, k, dtype=dtype), g, u) is None:  # trellis: two launches (SiLU after H)
+                for w in (g, u):
+                    trellis_linear(torch.zeros(m, k, dtype=dtype), w)
     e, top_k, hdim, inter = MOE["experts"], MOE["top_k"], MOE["hidden"], MOE["inter"]
     for m in ms:  # the attention block's RMSNorm and the RoPE of q (20 heads) and k (4), head dim 128
         context.update(layer="norm + rope", format="bf16", m=m, n=None, k=None)
@@ -147,7 +151,8 @@ def launch_variants(ms: list[int], quick: bool) -> list[dict]:
         for heads in (20, 4):
             pointwise.rope(torch.zeros(1, m, heads, 128, dtype=bf).transpose(1, 2), cos, cos)
     moe_formats = {"w4g128": lambda n, k: gc.int_weight((e,), n, k, dev),
-                   "w2code": lambda n, k: gc.code2_weight((e,), n, k, dev)}
+                   "w2code": lambda n, k: gc.code2_weight((e,), n, k, dev),
+                   "w2trellis": lambda n, k: gc.trellis_weight((e,), n, k, dev)}
     if not quick:
         moe_formats["w4g128-asym"] = lambda n, k: gc.int_weight((e,), n, k, dev, asym=True)
     gen = torch.Generator().manual_seed(0)
@@ -160,7 +165,8 @@ def launch_variants(ms: list[int], quick: bool) -> list[dict]:
             x = torch.zeros(m, hdim, dtype=bf)
             if fmt == "w4g128":  # the routing kernel does not depend on the experts' format
                 routing.route(x, torch.zeros(e, hdim), torch.zeros(1, e), top_k, 1e-12)
-            fused_moe.fused_moe(x, ids, weights, *ws, add=torch.zeros(m, hdim, dtype=bf))  # + the shared experts
+            moe = trellis_moe if fmt == "w2trellis" else fused_moe.fused_moe
+            moe(x, ids, weights, *ws, add=torch.zeros(m, hdim, dtype=bf))  # + the shared experts
     return log
 
 

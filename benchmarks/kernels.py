@@ -41,6 +41,7 @@ def dense_rows(device: str, ms: list[int], shapes: dict, anchors: bool) -> list[
 
     from quantkit.kernels.code2 import code2_linear
     from quantkit.kernels.dense import int_linear
+    from quantkit.kernels.trellis import trellis_linear
 
     rows = []
     for name, (n, k) in shapes.items():
@@ -50,6 +51,7 @@ def dense_rows(device: str, ms: list[int], shapes: dict, anchors: bool) -> list[
                 "bf16": (lambda: (0.02 * torch.randn(n, k, device=device)).to(torch.bfloat16), F.linear),
                 "w4g128": (lambda: gc.int_weight((), n, k, device), int_linear),
                 "w2code": (lambda: gc.code2_weight((), n, k, device), code2_linear),
+                "w2trellis": (lambda: gc.trellis_weight((), n, k, device), trellis_linear),
             }
             if anchors:
                 methods.update(anchor_methods(n, k, device))
@@ -103,7 +105,7 @@ def moe_rows(device: str, ms: list[int], dims: dict) -> list[dict]:
     import torch
 
     from quantkit.kernels.dense import gate_up, int_linear
-    from quantkit.kernels.fused_moe import fused_moe
+    from quantkit.kernels.dispatch import fused_moe
     from quantkit.kernels.routing import route as triton_route
     from quantkit.model.layers import MLP, Experts, route
 
@@ -121,7 +123,9 @@ def moe_rows(device: str, ms: list[int], dims: dict) -> list[dict]:
     quant = {"w4g128": [gc.int_weight((e,), inter, hdim, device), gc.int_weight((e,), inter, hdim, device),
                         gc.int_weight((e,), hdim, inter, device)],
              "w2code": [gc.code2_weight((e,), inter, hdim, device), gc.code2_weight((e,), inter, hdim, device),
-                        gc.code2_weight((e,), hdim, inter, device)]}
+                        gc.code2_weight((e,), hdim, inter, device)],
+             "w2trellis": [gc.trellis_weight((e,), inter, hdim, device), gc.trellis_weight((e,), inter, hdim, device),
+                           gc.trellis_weight((e,), hdim, inter, device)]}
 
     def shared_q(x):  # as MLP runs with backend triton: gate and up in one launch, then down
         return int_linear(gate_up(x, s4[0], s4[1]), s4[2])
@@ -136,7 +140,7 @@ def moe_rows(device: str, ms: list[int], dims: dict) -> list[dict]:
 
     def layer_q(x, ws):  # as SparseMoeBlock runs with backend triton: routing kernel, shared output into the combine
         ids, w = triton_route(x, router, bias, top_k, 1e-12)
-        return fused_moe(x, ids, w, *ws, add=shared_q(x))
+        return fused_moe(x, ids, w, *ws, "triton", add=shared_q(x))
 
     check = torch.randn(3, hdim, device=device).to(bf)  # the grouped baseline computes the same layer as the loop
     if (err := gc.rel_err(layer_grouped(check), layer_bf16(check))) > 2e-2:

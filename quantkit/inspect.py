@@ -7,6 +7,7 @@ import re
 from collections import Counter, defaultdict
 
 from quantkit.format import compressed_tensors as fmt
+from quantkit.format import trellis
 from quantkit.format import wint2
 from quantkit.model.config import ErnieMoeConfig
 from quantkit.model.safetensors_io import CheckpointReader
@@ -18,7 +19,7 @@ _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
 def _role(name: str) -> str:
     """``model.layers.3.mlp.experts.7.up_proj.weight_packed`` -> ``mlp.experts.*.up_proj``."""
     name = re.sub(r"\.(weight|weight_packed|weight_scale|weight_zero_point|weight_shape|e_score_correction_bias|"
-                  r"quant_weight|super_scales|code_scale|code_zp)$", "", name)
+                  r"quant_weight|super_scales|code_scale|code_zp|trellis|suh|svh)$", "", name)
     name = re.sub(r"^model\.layers\.\d+\.", "", name)
     return re.sub(r"\.experts\.\d+\.", ".experts.*.", name)
 
@@ -35,13 +36,27 @@ def inspect_checkpoint(src: str) -> dict:
     unquantized: Counter = Counter()
     parts: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # scheme -> [bytes, weights]
     code2 = (qconfig or {}).get(wint2.CONFIG_KEY)
+    tr = (qconfig or {}).get(trellis.CONFIG_KEY)
     weights = 0
     for name in reader.names():
         m = _EXPERT.match(name)
         if m:
             experts_per_layer[int(m.group(1))].add(int(m.group(2)))
         info = reader.info(name)
-        if code2 and name.endswith(f".{wint2.QUANT_WEIGHT}"):
+        if tr and name.endswith(f".{trellis.TRELLIS}"):
+            prefix = name[: -len(trellis.TRELLIS) - 1]
+            i, j, words = info.shape
+            module = re.sub(r"\.experts\.\d+\.", ".experts.", prefix)
+            L = tr["modules"].get(module, {}).get("state_bits", "?")
+            scheme = f"{trellis.SCHEME} {words * 32 // trellis.T}-bit L{L} (QTIP/EXL3-class, MUL1, Hadamard)"
+            roles[_role(name)][scheme] += 1
+            parts[scheme][0] += sum(reader.info(f"{prefix}.{leaf}").nbytes for leaf in trellis.LEAVES)
+            parts[scheme][1] += i * j * trellis.T
+            weights += i * j * trellis.T
+        elif tr and name.endswith(tuple(f".{leaf}" for leaf in trellis.LEAVES[1:])) and \
+                f"{name.rsplit('.', 1)[0]}.{trellis.TRELLIS}" in reader:
+            continue
+        elif code2 and name.endswith(f".{wint2.QUANT_WEIGHT}"):
             prefix = name[: -len(wint2.QUANT_WEIGHT) - 1]
             r, n = info.shape
             scheme = f"{wint2.SCHEME} 2-bit code g{wint2.GROUP}"
@@ -86,6 +101,7 @@ def inspect_checkpoint(src: str) -> dict:
         "bits_per_weight": 8 * size / max(weights, 1),
         "bits_per_weight_parts": {k: {"bits_per_weight": 8 * b / max(w, 1), "weights": w} for k, (b, w) in sorted(parts.items())},
         "code2": code2,
+        "trellis": tr,
     }
 
 
@@ -100,6 +116,11 @@ def format_inspect(r: dict) -> str:
         lines.append(f"  2-bit code: {c['scheme']} (convolutional code, FastDeploy WINT2 layout: uint8 codes per 4 inputs, "
                      f"4-bit local scale per {c['group_size']} inputs, bf16 super scale and fp32 code scale/zero point per "
                      f"column), {c['layout']}, routed experts of layers " + ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in c["layer_ranges"]))
+    if r.get("trellis"):
+        t = r["trellis"]
+        lines.append(f"  trellis code: {t['scheme']} v{t['format_version']} (tail-biting bit-shift trellis over "
+                     f"{t['tile']}x{t['tile']} tiles, {t['code']} values, block Hadamard <= {t['hadamard_max_block']} on both "
+                     f"sides with {t['scale_dtype']} suh/svh; read by quantkit only) for {len(t['modules'])} expert modules")
     for scheme, p in r.get("bits_per_weight_parts", {}).items():
         lines.append(f"  {scheme}: {p['bits_per_weight']:.3f} bits/weight over {p['weights'] / 1e6:.2f} M weights (scales included)")
     if r["quantized"]:

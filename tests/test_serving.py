@@ -216,3 +216,12 @@ def test_moe_activation_order_needs_marlin(views):
     view = _edit(views["w4g128"], actorder)
     assert "activation order without Marlin" not in _rules(check(view, "vllm"))
     assert "activation order without Marlin" in _rules(check(view, "vllm", tp=2))
+
+
+def test_trellis_experts_are_quantkit_only(src, tmp_path):
+    out = tmp_path / "w2trellis"
+    quantize(str(src), out, get_recipe("benchmarks/recipes/w2trellis-L8-experts-only.json"), QUIET)
+    view = CheckpointView.from_dir(out)
+    assert "trellis code experts" in _rules(check(view, "vllm"))
+    assert check(view, "quantkit") == []
+    assert check(view, "transformers") and check(view, "fastdeploy")

@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from quantkit.kernels import dispatch
-from quantkit.kernels.reference import IntWeight
-from quantkit.kernels.tiles import KIND_INT, column_params, dot_in_f32, cast, interpreted, tile_codes, tile_mma, tile_params
+from quantkit.kernels.reference import IntWeight, TrellisWeight
+from quantkit.kernels.tiles import KIND_INT, KIND_TRELLIS, column_params, dot_in_f32, cast, interpreted, tile_codes, tile_mma, tile_params
 
 
 @dataclass(frozen=True)
@@ -191,14 +191,19 @@ def launch_args(w, config: Config | None = None) -> tuple:
     E stacked): what the dense and fused-MoE launches pass for it."""
     if isinstance(w, IntWeight):
         return _int_launch_args(w, config)
+    if isinstance(w, TrellisWeight):
+        from quantkit.kernels.trellis import trellis_launch_args
+
+        return trellis_launch_args(w, config)
     from quantkit.kernels.code2 import code2_launch_args
 
     return code2_launch_args(w, config)
 
 
 def paired(a: tuple, b: tuple) -> bool:
-    """Whether two weights' ``launch_args`` can share one launch (gate and up): all but the pointers equal."""
-    return a[0] == b[0] and a[2:] == b[2:]
+    """Whether two weights' ``launch_args`` can share one launch (gate and up): all but the pointers equal, and
+    not the trellis code (its SiLU comes after the output Hadamard, outside the GEMM)."""
+    return a[0] == b[0] and a[2:] == b[2:] and a[0] != KIND_TRELLIS
 
 
 def gate_up(x: torch.Tensor, gate, up, config: Config | None = None) -> torch.Tensor | None:

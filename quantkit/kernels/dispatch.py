@@ -86,6 +86,10 @@ def tile_k(w, cap: int = 128) -> int:
 
     if isinstance(w, reference.Code2Weight):
         return 64
+    if isinstance(w, reference.TrellisWeight):
+        from quantkit.kernels.trellis import BK
+
+        return BK if w.k % BK == 0 else 0
     if w.bits not in reference.KERNEL_BITS:
         return 0
     if w.group_size == w.k:
@@ -118,6 +122,10 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None, backend: str) -> torch
             from quantkit.kernels.code2 import code2_linear
 
             return code2_linear(x, w, bias)
+        if isinstance(w, reference.TrellisWeight):
+            from quantkit.kernels.trellis import trellis_linear
+
+            return trellis_linear(x, w, bias)
         from quantkit.kernels.dense import int_linear
 
         return int_linear(x, w, bias)
@@ -142,7 +150,11 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     plus ``add``: the fused Triton MoE, or the twin's loop."""
     from quantkit.kernels import reference
 
-    if backend == "triton" and all(kernel_reads(w) for w in (gate, up, down)):
+    if backend == "triton" and all(isinstance(w, reference.TrellisWeight) for w in (gate, up, down)):
+        from quantkit.kernels.trellis import trellis_moe
+
+        return trellis_moe(x, topk_ids, topk_weights, gate, up, down, add)
+    if backend == "triton" and all(kernel_reads(w) and not isinstance(w, reference.TrellisWeight) for w in (gate, up, down)):
         from quantkit.kernels.fused_moe import fused_moe as triton_moe
 
         return triton_moe(x, topk_ids, topk_weights, gate, up, down, add=add)

@@ -5,6 +5,7 @@ A twin dequantizes in fp32 with the format module's own code, casts to the activ
 
     IntWeight    compressed-tensors pack-quantized tensors of one [N, K] weight, or E stacked ([E, ...])
     Code2Weight  the 2-bit code (WINT2) tensors of one [K, N] weight, or E stacked ([E, ...])
+    TrellisWeight the trellis code's tensors of one [N, K] weight, or E stacked ([E, ...])
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from quantkit.format.compressed_tensors import packed_words, unpack_rows
-from quantkit.quant.qtensor import Code2Tensor, dequantize
+from quantkit.quant.qtensor import Code2Tensor, TrellisTensor, dequantize
 
 KERNEL_BITS = (2, 4, 8)  # int widths the Triton kernels read; 3-bit fields straddle int32 words (torch path)
 
@@ -52,9 +53,10 @@ class IntWeight:
 
 # The 2-bit code as the kernels take it is the format's own container (column-slice views are fine).
 Code2Weight = Code2Tensor
+TrellisWeight = TrellisTensor  # the trellis code likewise ([.., N, K] decode through its exact value table)
 
 
-Weight = IntWeight | Code2Weight
+Weight = IntWeight | Code2Weight | TrellisWeight
 
 
 def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:

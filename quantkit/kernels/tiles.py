@@ -11,6 +11,9 @@ A weight is passed as five pointers and three row strides whose meaning depends 
     KIND_INT   a: packed int32 [N, KW] (LSB-first fields along K)   b: scale [N, K/g]   c: zero int32 [ceil(N*b/32), K/g]
     KIND_CODE2 a: quant_weight uint8 [K/4, N]   b: weight_scale uint8 [ceil(K/128), N]
                c: super_scales [N]   d: code_scale fp32 [N]   e: code_zp fp32 [N]
+    KIND_TRELLIS a: trellis int32 [N/16, K/16, 8*BITS] (row stride: the N/16 axis)   b..e unused
+               ``KW`` carries the state bits L; the tile is Q, the integer values (no scale: the
+               Hadamards and suh/svh are applied to the activations, ``kernels/trellis.py``)
 
 The last dimension of every tensor is contiguous. A K-tile is ``tile_codes``: exact integers in fp32 (codes
 minus zero point, or the 2-bit code's windows), with ``tile_params``: a per-row scale (and zero point) for the
@@ -25,6 +28,7 @@ import triton.language as tl
 
 KIND_INT = 0
 KIND_CODE2 = 1
+KIND_TRELLIS = 2
 
 
 @triton.jit
@@ -84,6 +88,8 @@ def tile_params(b_ptr, c_ptr, srb, src, offs_n, n_mask, kt, group_size, sup,
         packed = tl.load(b_ptr + (kt // 2) * srb + offs_n, mask=n_mask, other=0).to(tl.int32)
         local = (packed >> (4 * (1 - kt % 2))) & 0xF  # the even 64-group sits in the high nibble
         return local.to(tl.float32) * sup, offs_n * 0
+    elif KIND == 2:  # the trellis tile is scale-free
+        return offs_n.to(tl.float32) * 0.0 + 1.0, offs_n * 0
     else:
         PER: tl.constexpr = 32 // BITS
         grp = (kt * BK) // group_size
@@ -112,6 +118,8 @@ def tile_codes(a_ptr, sra, offs_n, n_mask, kt, KW, cs, zp, z,
         a = tl.interleave((v >> 9) & 0x3F, (v >> 3) & 0x3F)  # windows 0 and 2 of byte r at 2r, 2r + 1
         b = tl.interleave((v >> 6) & 0x3F, v & 0x3F)  # windows 1 and 3
         q = tl.interleave(a, b) - 32  # [BN, 64]: window i of byte r at 4r + i
+    elif KIND == 2:
+        q = trellis_values(a_ptr, sra, offs_n, n_mask, kt, KW, BITS, BN, BK)
     else:
         PER: tl.constexpr = 32 // BITS
         BKW: tl.constexpr = BK // PER
@@ -120,6 +128,44 @@ def tile_codes(a_ptr, sra, offs_n, n_mask, kt, KW, cs, zp, z,
                         mask=n_mask[:, None] & (offs_kw[None, :] < KW), other=0)
         q = unpack_fields(words, BITS) - z[:, None]  # field j of word kw at kw*PER + j: the stream order along K
     return q.to(tl.float32)
+
+
+@triton.jit
+def trellis_values(a_ptr, sra, offs_n, n_mask, kt, L, BITS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """K-tile ``kt`` of a trellis weight's integer values Q [BN, BK] (int32), decoded in registers: weight
+    (n, k) is t = 16 (n % 16) + k % 16 of tile (n // 16, k // 16); its state is the L-bit window of the
+    tile's MSB-first stream ending at bit (t + 1) BITS, read from two words; value = bytesum(MUL1 * s) - 510."""
+    W: tl.constexpr = 8 * BITS  # words per tile
+    if BITS == 2:  # row r of a tile is word r: one load per (row, tile) of the word and of its predecessor
+        NT: tl.constexpr = BK // 16
+        r = offs_n % 16
+        base = a_ptr + (offs_n // 16)[:, None] * sra + (kt * NT + tl.arange(0, NT))[None, :] * W  # [BN, NT]
+        lo = tl.load(base + r[:, None], mask=n_mask[:, None], other=0).to(tl.uint32, bitcast=True)
+        hi = tl.load(base + ((r + 15) % 16)[:, None], mask=n_mask[:, None], other=0).to(tl.uint32, bitcast=True)
+        sh = (30 - 2 * tl.arange(0, 16)).to(tl.uint32)[None, None, :]  # weight c ends at bit 2c + 1 of word r
+        s = (lo[:, :, None] >> sh) | ((hi[:, :, None] << 1) << (31 - sh))
+        s = tl.reshape(s & ((1 << L) - 1).to(tl.uint32), (BN, BK))
+    else:
+        s = _trellis_states(a_ptr, sra, offs_n, n_mask, kt, L, BITS, BK)
+    x = s * 0x83DCD12D  # MUL1 mod 2^32 (uint32; ``format.trellis.MUL1``, the tests hold the two bit-exact)
+    v = (x & 0xFF) + ((x >> 8) & 0xFF) + ((x >> 16) & 0xFF) + (x >> 24)
+    return v.to(tl.int32) - 510
+
+
+@triton.jit
+def _trellis_states(a_ptr, sra, offs_n, n_mask, kt, L, BITS: tl.constexpr, BK: tl.constexpr):
+    """States [BN, BK] uint32 for any BITS: each weight's two words gathered, then a funnel shift."""
+    W: tl.constexpr = 8 * BITS
+    offs_k = kt * BK + tl.arange(0, BK)
+    t = (offs_n[:, None] % 16) * 16 + offs_k[None, :] % 16
+    end = (t + 1) * BITS - 1
+    w = end // 32
+    base = a_ptr + (offs_n[:, None] // 16) * sra + (offs_k[None, :] // 16) * W
+    lo = tl.load(base + w, mask=n_mask[:, None], other=0).to(tl.uint32, bitcast=True)
+    hi = tl.load(base + (w + W - 1) % W, mask=n_mask[:, None], other=0).to(tl.uint32, bitcast=True)
+    sh = (31 - end % 32).to(tl.uint32)
+    # 32-bit funnel shift (hi:lo) >> sh; hi is shifted in two steps so no shift reaches 32 bits
+    return ((lo >> sh) | ((hi << 1) << (31 - sh))) & ((1 << L) - 1).to(tl.uint32)
 
 
 @triton.jit

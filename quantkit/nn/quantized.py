@@ -20,6 +20,7 @@ from quantkit.kernels import dispatch
 from quantkit.kernels.reference import IntWeight
 from quantkit.model.layers import Experts
 from quantkit.nn.code2 import Code2Stack, kernel_view
+from quantkit.nn.trellis import TRELLIS, TrellisStack
 from quantkit.quant.qtensor import QTensor
 
 CODE2 = "code2"  # a ``schemes`` value: the projection is stored in the 2-bit code (``nn/code2.py``)
@@ -91,12 +92,12 @@ class QuantExperts(Experts):
     """Routed experts with packed per-projection stacks; ``project`` dequantizes one expert's weight.
 
     ``schemes[proj]`` is (bits, group, symmetric) for compressed-tensors int stacks or ``CODE2`` for the
-    2-bit code; ``fused_up_gate`` holds gate and up as one code stack ``up_gate_proj`` (FastDeploy layout).
+    2-bit code, or (``TRELLIS``, bits, L) for the trellis code; ``fused_up_gate`` holds gate and up as one code stack ``up_gate_proj`` (FastDeploy layout).
     """
 
     backend = "torch"
 
-    def __init__(self, num_experts: int, hidden: int, inter: int, schemes: dict[str, tuple[int, int, bool] | str],
+    def __init__(self, num_experts: int, hidden: int, inter: int, schemes: dict[str, tuple | str],
                  scale_dtype: torch.dtype, fused_up_gate: bool = False):
         nn.Module.__init__(self)
         self.num_experts, self.inter = num_experts, inter
@@ -106,8 +107,11 @@ class QuantExperts(Experts):
             self.up_gate_proj = Code2Stack(num_experts, 2 * inter, hidden)
             del shapes["gate_proj"], shapes["up_proj"]
         for name, (n, k) in shapes.items():
-            if schemes.get(name) == CODE2:
+            scheme = schemes.get(name)
+            if scheme == CODE2:
                 setattr(self, name, Code2Stack(num_experts, n, k))
+            elif isinstance(scheme, tuple) and scheme[0] == TRELLIS:
+                setattr(self, name, TrellisStack(num_experts, n, k, *scheme[1:]))
             elif name in schemes:
                 bits, group, sym = schemes[name]
                 setattr(self, name, PackedWeight(n, k, bits, group, sym, scale_dtype, lead=(num_experts,)))

@@ -5,11 +5,13 @@ from __future__ import annotations
 from torch import nn
 
 from quantkit.errors import QuantkitError
+from quantkit.format import trellis as trellis_fmt
 from quantkit.format import wint2
 from quantkit.format.compressed_tensors import SCALE, expert_prefixes, scheme_for
 from quantkit.model.config import ErnieMoeConfig
 from quantkit.model.safetensors_io import CheckpointReader
 from quantkit.nn.quantized import CODE2, QuantExperts, QuantLinear
+from quantkit.nn.trellis import TRELLIS
 from quantkit.quant.config import candidate_modules
 
 
@@ -35,7 +37,19 @@ def swap_quantized_modules(model: nn.Module, cfg: ErnieMoeConfig, qconfig: dict,
     fused = code2.get("layout") == "fastdeploy-fused-up-gate"
     if code2 and code2.get("scheme") != wint2.SCHEME:
         raise QuantkitError(f"unknown 2-bit code scheme {code2.get('scheme')!r} (quantkit reads {wint2.SCHEME!r})")
+    trellis = qconfig.get(trellis_fmt.CONFIG_KEY) or {}
+    if trellis and (trellis.get("scheme"), trellis.get("format_version")) != (trellis_fmt.SCHEME, trellis_fmt.FORMAT_VERSION):
+        raise QuantkitError(f"unknown trellis scheme {trellis.get('scheme')!r} v{trellis.get('format_version')} "
+                            f"(quantkit reads {trellis_fmt.SCHEME!r} v{trellis_fmt.FORMAT_VERSION})")
+    trellis_modules = trellis.get("modules", {})
     for name, shape in candidate_modules(cfg):
+        if name in trellis_modules:  # routed experts in the trellis code
+            mlp, _, leaf = name.rpartition(".experts.")
+            m = trellis_modules[name]
+            expert_schemes.setdefault(mlp, {})[leaf] = (TRELLIS, int(m["bits"]), int(m["state_bits"]))
+            scale_dtypes.setdefault(mlp, trellis_fmt.SCALE_DTYPE)
+            swapped += 1
+            continue
         if name in code2_modules:  # routed experts in the 2-bit code
             mlp, _, leaf = name.rpartition(".experts.")
             expert_schemes.setdefault(mlp, {})[leaf] = CODE2

@@ -17,15 +17,16 @@ from quantkit.calib.capture import LayerCapture
 from quantkit.quant.code2 import code2
 from quantkit.quant.config import PlanEntry
 from quantkit.quant.gptq import gptq
-from quantkit.quant.qtensor import Code2Tensor, QTensor
+from quantkit.quant.qtensor import Code2Tensor, QTensor, TrellisTensor
 from quantkit.quant.rtn import rtn
+from quantkit.quant.trellis import trellis
 
 EXPERT_CHUNK = 8  # experts per batched GPTQ call (bounds the [chunk, K, K] working set)
 
 
 @dataclass
 class LayerResult:
-    qtensors: dict[str, QTensor | Code2Tensor] = field(default_factory=dict)  # by module name relative to the layer
+    qtensors: dict[str, QTensor | Code2Tensor | TrellisTensor] = field(default_factory=dict)  # by module name relative to the layer
     errors: dict[str, float | list[float]] = field(default_factory=dict)
     rtn_fallback_experts: list[int] = field(default_factory=list)
 
@@ -41,6 +42,8 @@ def relative_error(w: torch.Tensor, deq: torch.Tensor, H: torch.Tensor) -> torch
 def _cat(parts: list) -> QTensor | Code2Tensor:
     if isinstance(parts[0], Code2Tensor):
         return Code2Tensor(*(torch.cat(ts) for ts in zip(*(p.tensors().values() for p in parts))))
+    if isinstance(parts[0], TrellisTensor):
+        return TrellisTensor(*(torch.cat(ts) for ts in zip(*(p.tensors().values() for p in parts))), parts[0].bits, parts[0].L)
     return QTensor(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
                    None if parts[0].zeros is None else torch.cat([p.zeros for p in parts]), parts[0].bits, parts[0].group_size)
 
@@ -51,6 +54,10 @@ def _quantize(entry: PlanEntry, w: torch.Tensor, H: torch.Tensor | None, scale_d
     if r.format == "code2":
         parts = [code2(w[i:i + EXPERT_CHUNK], H[i:i + EXPERT_CHUNK] if use_gptq and H is not None else None)
                  for i in range(0, w.shape[0], EXPERT_CHUNK)]
+        return _cat(parts)
+    if r.format == "trellis":
+        parts = [trellis(w[i:i + EXPERT_CHUNK], H[i:i + EXPERT_CHUNK] if use_gptq and H is not None else None,
+                         bits=r.bits, L=r.state_bits) for i in range(0, w.shape[0], EXPERT_CHUNK)]
         return _cat(parts)
 
     def one(wc, Hc):
@@ -81,8 +88,8 @@ def quantize_layer(layer, prefix: str, entries: list[PlanEntry], cap: LayerCaptu
         use_gptq = cap is not None and "gptq" in entry.rule.method
         H = cap.stat_for(rel).H if cap is not None else None
         qt = _quantize(entry, w, H, scale_dtype, use_gptq)
-        if entry.is_experts and starving and use_gptq and isinstance(qt, Code2Tensor):  # plain encoder instead
-            fallback = code2(w[starving])
+        if entry.is_experts and starving and use_gptq and isinstance(qt, (Code2Tensor, TrellisTensor)):  # plain encoder
+            fallback = code2(w[starving]) if isinstance(qt, Code2Tensor) else trellis(w[starving], bits=qt.bits, L=qt.L)
             for t, f in zip(qt.tensors().values(), fallback.tensors().values()):
                 t[starving] = f
         elif entry.is_experts and starving and use_gptq:  # too few tokens for a trustworthy Hessian

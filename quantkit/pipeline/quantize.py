@@ -22,6 +22,7 @@ from quantkit import __version__
 from quantkit.errors import UsageError
 from quantkit.format import compressed_tensors as fmt
 from quantkit.format import fastdeploy, wint2
+from quantkit.format import trellis as trellis_fmt
 from quantkit.format.writer import CheckpointWriter, TensorSpec
 from quantkit.model.loader import FP32_PARAMS, Checkpoint, default_dtype, model_tensors, source_names, stream_layers
 from quantkit.calib.capture import EXPERT_CALIBRATION, capture_layer
@@ -94,6 +95,8 @@ def entry_specs(entry: PlanEntry, dtype: torch.dtype) -> list[TensorSpec]:
     """On-disk tensors of one planned module (per expert for routed experts)."""
     if entry.rule.format == "code2":
         return wint2.module_specs(entry.module, entry.shape)
+    if entry.rule.format == "trellis":
+        return trellis_fmt.module_specs(entry.module, entry.shape, entry.rule.bits)
     n, k = entry.shape[-2:]
     return [s for prefix in fmt.expert_prefixes(entry.module, entry.shape[0] if entry.is_experts else 0)
             for s in fmt.linear_specs(prefix, n, k, entry.rule.bits, entry.group_size, entry.rule.symmetric, dtype)]
@@ -140,6 +143,9 @@ def output_config(cfg, plan: Plan, export: str = "quantkit") -> dict:
     code2_modules = [e.module for e in plan.entries if e.rule.format == "code2"]
     if code2_modules:
         qconfig[wint2.CONFIG_KEY] = wint2.config_block(code2_modules)
+    trellis_modules = {e.module: (e.rule.bits, e.rule.state_bits) for e in plan.entries if e.rule.format == "trellis"}
+    if trellis_modules:
+        qconfig[trellis_fmt.CONFIG_KEY] = trellis_fmt.config_block(trellis_modules)
     return config
 
 
@@ -238,6 +244,8 @@ class QuantizeRun:
                 tensors = fastdeploy.module_tensors(entry.module, res.qtensors, prefix)
             elif entry.rule.format == "code2":
                 tensors = wint2.module_tensors(entry.module, res.qtensors[rel])
+            elif entry.rule.format == "trellis":
+                tensors = trellis_fmt.module_tensors(entry.module, res.qtensors[rel])
             else:
                 tensors = fmt.module_tensors(entry.module, res.qtensors[rel])
             for k, v in tensors.items():

@@ -17,6 +17,11 @@ last MoE layers' experts at w4g128), ``w2g64-experts`` (routed experts int2 g64 
 the int baseline at the same non-expert rule); ``layer_range_recipe`` builds FastDeploy-style ``w4w2``
 layer ranges.
 
+``format="trellis"`` is the trellis code of ``quantkit.format.trellis`` (QTIP / EXL3 class), routed experts
+only, ``bits`` 2/3/4 per weight, ``state_bits`` L (16 by default; a smaller L is an explicit CPU option: a
+faster encoder, a higher error); its ``method`` is rtn (plain Viterbi) or gptq (LDLQ with the Hessians).
+Built-in: ``w2trellis`` (routed experts at 2 bits, the rest w4g128).
+
 Group-size fallback: a group must divide the input dim K for the formats servers read. Where the
 requested group does not, the largest power of two below it that divides K (and is at least 8) is used,
 and the plan records it per module (``Plan.entries[i].note``). If none exists the plan is an error.
@@ -37,7 +42,8 @@ CONFIG_VERSION = 2  # 2: rules gained ``format``
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128, None)  # None = one group per output channel ("channel" strategy)
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")
-FORMATS = ("int", "code2")
+FORMATS = ("int", "code2", "trellis")
+TRELLIS_BITS = (2, 3, 4)
 CODE2_METHODS = ("rtn", "gptq")
 
 
@@ -50,12 +56,20 @@ class Rule:
     clip_search: bool = False  # MSE-optimal clipping per group (as HQQ/AWQ search the range)
     format: str = "int"  # "int" or "code2" (the 2-bit convolutional code; bits=2, group_size=64; the code
     # has its own per-column affine codebook, so ``symmetric`` and ``clip_search`` do not apply to it)
+    state_bits: int = 16  # the trellis code's state size L (format="trellis" only)
 
     def __post_init__(self):
         if self.format not in FORMATS:
             raise UsageError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.format == "code2" and (self.bits, self.group_size) != (2, 64):
             raise UsageError(f"the 2-bit code has bits=2 and group_size=64, got bits={self.bits}, group_size={self.group_size}")
+        if self.format == "trellis":
+            from quantkit.format.trellis import L_RANGE
+
+            if self.bits not in TRELLIS_BITS:
+                raise UsageError(f"the trellis code takes bits 2, 3 or 4, got {self.bits}")
+            if not L_RANGE[0] <= self.state_bits <= L_RANGE[1]:
+                raise UsageError(f"the trellis code's state_bits must be in {L_RANGE[0]}..{L_RANGE[1]}, got {self.state_bits}")
         if self.bits not in BITS:
             raise UsageError(f"bits must be one of {BITS}, got {self.bits}")
         if self.group_size not in GROUP_SIZES:
@@ -67,15 +81,20 @@ class Rule:
     def label(self) -> str:
         if self.format == "code2":
             return "w2code"
+        if self.format == "trellis":
+            return f"w{self.bits}trellis" + ("" if self.state_bits == 16 else f"-L{self.state_bits}")
         g = "ch" if self.group_size is None else f"g{self.group_size}"
         return f"w{self.bits}{g}-{'sym' if self.symmetric else 'asym'}"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.format != "trellis":
+            del d["state_bits"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Rule":
-        known = {"bits", "group_size", "symmetric", "method", "clip_search", "format"}
+        known = {"bits", "group_size", "symmetric", "method", "clip_search", "format", "state_bits"}
         unknown = set(d) - known - {"pattern"}
         if unknown:
             raise UsageError(f"recipe rule has unknown key(s): {', '.join(sorted(unknown))}")
@@ -84,6 +103,10 @@ class Rule:
         if gs in ("channel", -1, 0):
             gs = None
         extra = {"bits": d.get("bits", 2), "symmetric": d.get("symmetric", False)} if code2 else {}
+        if d.get("format") == "trellis":  # no groups: one scale per row and column (``group_size`` is ignored)
+            gs, extra = None, {"bits": d.get("bits", 2), "symmetric": True}
+        elif "state_bits" in d:
+            raise UsageError("state_bits is a trellis-code setting (format: trellis)")
         return cls(**{**{k: v for k, v in d.items() if k in known}, **extra, "group_size": gs})
 
 
@@ -154,6 +177,7 @@ def simple_recipe(bits: int, group_size: int | None, symmetric: bool, name: str 
 
 CODE2 = Rule(bits=2, group_size=64, symmetric=False, format="code2")
 W4 = Rule(bits=4, group_size=128, symmetric=True)
+TRELLIS2 = Rule(bits=2, group_size=None, symmetric=True, format="trellis")
 ROUTED = r"mlp\.experts\."
 
 
@@ -183,6 +207,7 @@ BUILTIN_RECIPES = {
     "w2g64": simple_recipe(2, 64, False, "w2g64"),
     "w8": simple_recipe(8, None, True, "w8"),
     "w2code": Recipe(name="w2code", rules=((ROUTED, CODE2), (".*", W4))),
+    "w2trellis": Recipe(name="w2trellis", rules=((ROUTED, TRELLIS2), (".*", W4))),
     "w2g64-experts": Recipe(name="w2g64-experts", rules=((ROUTED, Rule(bits=2, group_size=64, symmetric=False)), (".*", W4))),
 }
 MODEL_RECIPES = {"w2code-w4edges": _edges_recipe}  # built per model (they name layer ranges)
@@ -306,6 +331,17 @@ def make_plan(cfg: ErnieMoeConfig, recipe: Recipe) -> Plan:
             if rule.method not in CODE2_METHODS:
                 raise UsageError(f"recipe {recipe.name!r}: method {rule.method!r} is not available for the 2-bit code (use rtn or gptq)")
             entries.append(PlanEntry(name, shape, rule, 64))
+            continue
+        if rule.format == "trellis":
+            if len(shape) != 3:
+                raise UsageError(f"recipe {recipe.name!r}: {name} matches a trellis rule, which is for routed experts only")
+            if shape[-1] % 16 or shape[-2] % 16:
+                raise UsageError(f"recipe {recipe.name!r}: {name} is {shape[-2]}x{shape[-1]}; the trellis code needs "
+                                 "multiples of 16")
+            if rule.method not in CODE2_METHODS:
+                raise UsageError(f"recipe {recipe.name!r}: method {rule.method!r} is not available for the trellis code "
+                                 "(use rtn or gptq)")
+            entries.append(PlanEntry(name, shape, rule, shape[-1]))
             continue
         g, note = effective_group(rule.group_size, _joint_k(cfg, recipe, name, rule, shape))
         if note and len(shape) == 3:

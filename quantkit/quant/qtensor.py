@@ -103,3 +103,47 @@ class Code2Tensor:
         from quantkit.format.wint2 import decode
 
         return decode(**self.tensors()).transpose(-1, -2).to(dtype)
+
+
+@dataclass
+class TrellisTensor:
+    """The trellis code of one weight or of E stacked expert weights, held exactly as on disk
+    (``quantkit.format.trellis`` documents names, dtypes, layout, bit order and the decoder):
+        trellis int32 [.., N/16, K/16, 8·bits]   suh fp16 [.., K]   svh fp16 [.., N]
+    plus the tensor's ``bits`` per weight and state bits ``L``. ``dequantize`` returns [.., N, K].
+    """
+
+    trellis: torch.Tensor
+    suh: torch.Tensor
+    svh: torch.Tensor
+    bits: int
+    L: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        *lead, i, j, _ = self.trellis.shape
+        return (*lead, i * 16, j * 16)
+
+    @property
+    def n(self) -> int:
+        return self.svh.shape[-1]
+
+    @property
+    def k(self) -> int:
+        return self.suh.shape[-1]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        from quantkit.format.trellis import LEAVES
+
+        return {leaf: getattr(self, leaf) for leaf in LEAVES}
+
+    def select(self, index) -> "TrellisTensor":
+        return TrellisTensor(self.trellis[index], self.suh[index], self.svh[index], self.bits, self.L)
+
+    expert = select  # the kernels' name (``quantkit.kernels.reference``)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """fp32 reference decode (``trellis.decode``), then cast."""
+        from quantkit.format.trellis import decode
+
+        return decode(self.trellis, self.suh, self.svh, self.bits, self.L).to(dtype)

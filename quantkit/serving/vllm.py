@@ -15,11 +15,14 @@ from __future__ import annotations
 import re
 
 from quantkit.errors import QuantkitError
+from quantkit.format import trellis, wint2
 from quantkit.serving import CheckpointView, Reason
 
 VERSIONS = "rules read from vLLM main, 2026 (compressed-tensors WNA16 + WNA16 MoE)"
 SERVE = "vllm serve {path} --tensor-parallel-size {tp}"
 ARCHITECTURES = ("Ernie4_5_MoeForCausalLM",)  # vllm/model_executor/models/registry.py
+# quantkit's own expert codes, by a leaf only they write: what vLLM has no reader for
+QUANTKIT_CODES = {wint2.QUANT_WEIGHT: "2-bit code (CCQ/WINT2)", trellis.TRELLIS: "trellis code"}
 WNA16_BITS = (4, 8)  # compressed_tensors/schemes/compressed_tensors_wNa16.py::WNA16_SUPPORTED_BITS
 CT = "vllm/model_executor/layers/quantization/compressed_tensors/"
 SRC = {
@@ -120,11 +123,11 @@ def _tp_heads(cfg, tp: int) -> list[Reason]:
 
 
 def _layer(view, layer, kind, shards, schemes, k_split, tp) -> list[Reason]:
-    code2 = [s for s in shards if f"{s}.quant_weight" in view.tensors]
     fused_up_gate = kind == "moe" and any(n.startswith(layer + ".") and ".up_gate_proj." in n for n in view.tensors)
-    if code2 or fused_up_gate:
-        return [Reason("2-bit code (CCQ/WINT2) experts", layer, "vLLM has no reader for the 2-bit code: the ignored "
-                       "FusedMoE expects bf16 experts.{e}.*.weight", SRC["code2"])]
+    for leaf, code in QUANTKIT_CODES.items():
+        if fused_up_gate or any(f"{s}.{leaf}" in view.tensors for s in shards):
+            return [Reason(f"{code} experts", layer, f"vLLM has no reader for the {code}: the ignored FusedMoE expects "
+                           "bf16 experts.{e}.*.weight", SRC["code2"])]
     missing = [s for s, sc in zip(shards, schemes) if sc is None]
     if missing:
         return [Reason("no matching target", missing[0], "a linear that is neither ignored nor matched by a config "
