@@ -90,7 +90,7 @@ def _parse_size(text: str) -> int:
 @click.argument("src")
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="output directory")
 @click.option("--recipe", default=None, help="built-in recipe (w4g128, w4g128-asym, w3g128, w2g64, w8, w2code, "
-              "w2code-w4edges, w2g64-experts) or a .json/.yaml file")
+              "w2code-w4edges, w2g64-experts, w2trellis) or a .json/.yaml file")
 @click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default=None, help="simple case instead of --recipe")
 @click.option("--group-size", default="128", show_default=True, help="32, 64, 128 or channel")
 @click.option("--sym/--asym", default=None, help="symmetric (default for 4/8 bits) or asymmetric (default for 2/3 bits)")
