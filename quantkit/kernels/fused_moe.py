@@ -235,7 +235,13 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     _launch(x, h, rows, block_expert, rw, gate, up, top_k, True, cfg_up, p, num_experts)
     y = dispatch.empty((p, hdim), torch.float32, x.device)
     _launch(h, y, rows, block_expert, rw, down, None, top_k, False, cfg_down, p, num_experts)
-    out = dispatch.empty((t, hdim), x.dtype, x.device)
+    return combine(y, add, t, top_k, x.dtype)
+
+
+def combine(y: torch.Tensor, add: torch.Tensor | None, t: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
+    """One launch: out[t] = sum of the token's ``top_k`` slot rows of ``y`` (fp32 [T*top_k, H]) (+ ``add``), in dtype."""
+    hdim = y.shape[-1]
+    out = dispatch.empty((t, hdim), dtype, y.device)
     if add is not None and add.stride() != (hdim, 1):
         add = add.contiguous()
     bh = min(1024, triton.next_power_of_2(hdim))

@@ -26,7 +26,6 @@ matmul); the tests compare both with a float64 oracle.
 from __future__ import annotations
 
 import torch
-import triton
 
 from quantkit.format import trellis as fmt
 from quantkit.kernels import dispatch
@@ -80,7 +79,7 @@ def trellis_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
                 up: TrellisWeight, down: TrellisWeight, add: torch.Tensor | None = None) -> torch.Tensor:
     """Routed experts for x [T, H] with stacked [E, ...] trellis weights (module doc), plus ``add``;
     the twin is ``reference.fused_moe``."""
-    from quantkit.kernels.fused_moe import INTERPRET, _combine_kernel, align, moe_config
+    from quantkit.kernels.fused_moe import align, combine, moe_config
 
     t, hdim = x.shape
     top_k, num_experts = topk_ids.shape[1], gate.trellis.shape[0]
@@ -104,10 +103,4 @@ def trellis_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     hd = rotate_in(h.to(x.dtype), down.suh[pair_expert])
     y = _expert_gemm(hd, rows, block_expert, rw, down, cfg_down, torch.float32)
     y = rotate_out(y, down.svh[pair_expert], torch.float32).contiguous()
-    out = dispatch.empty((t, hdim), x.dtype, x.device)
-    if add is not None and add.stride() != (hdim, 1):
-        add = add.contiguous()
-    bh = min(1024, triton.next_power_of_2(hdim))
-    _combine_kernel[(t, triton.cdiv(hdim, bh))](y, out if add is None else add, out, hdim, S=top_k,
-                                                HAS_ADD=add is not None, BH=bh, INTERPRET=INTERPRET, num_warps=4)
-    return out
+    return combine(y, add, t, top_k, x.dtype)
