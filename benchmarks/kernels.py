@@ -31,7 +31,7 @@ import gpu_common as gc  # noqa: E402
 DENSE = {"q_proj": (2560, 2560), "k_proj/v_proj": (512, 2560), "o_proj": (2560, 2560),
          "shared gate/up": (3072, 2560), "shared down": (2560, 3072)}
 MOE = dict(experts=64, top_k=6, hidden=2560, inter=1536, shared=3072)
-TINY_DENSE = {"q_proj": (72, 128), "shared down": (64, 256)}
+TINY_DENSE = {"q_proj": (80, 128), "shared down": (64, 256)}  # N off the 64-wide tiles; the trellis code needs multiples of 16
 TINY_MOE = dict(experts=8, top_k=2, hidden=128, inter=128, shared=128)
 
 
