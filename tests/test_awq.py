@@ -26,7 +26,7 @@ def test_folding_leaves_fp_logits_unchanged(tiny_dir):
         prefix = f"model.layers.{idx}."
         entries = {e.module[len(prefix):]: e for e in plan.entries if e.module.startswith(prefix)}
         chosen = apply_awq(layer, cap, entries, alphas=(0.5,))  # force a real scaling
-        assert chosen and set(chosen.values()) <= {0.5, -1.0}
+        assert chosen and set(chosen.values()) <= {0.5, "duo:0.50", -1.0}
         changed = [k for k, v in layer.state_dict().items() if not torch.equal(v, old[k])]
         assert any("layernorm" in k for k in changed) and any("v_proj" in k for k in changed)
         with torch.no_grad():

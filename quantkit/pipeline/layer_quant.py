@@ -55,8 +55,11 @@ def _quantize(entry: PlanEntry, w: torch.Tensor, H: torch.Tensor | None, scale_d
 
     def one(wc, Hc):
         if use_gptq and Hc is not None:
-            return gptq(wc, Hc, r.bits, entry.group_size, r.symmetric, scale_dtype=scale_dtype)
-        return rtn(wc, r.bits, entry.group_size, r.symmetric, clip_search=r.clip_search, scale_dtype=scale_dtype)
+            return gptq(wc, Hc, r.bits, entry.group_size, r.symmetric, act_order=r.act_order, clip_search=r.clip_search,
+                        scale_dtype=scale_dtype)
+        cw = None if Hc is None else torch.diagonal(Hc, dim1=-2, dim2=-1)[..., None, :]  # clip by output energy
+        return rtn(wc, r.bits, entry.group_size, r.symmetric, clip_search=r.clip_search, scale_dtype=scale_dtype,
+                   clip_weight=cw)
 
     if w.dim() == 2:
         return one(w, H)

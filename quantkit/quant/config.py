@@ -46,7 +46,9 @@ class Rule:
     group_size: int | None = 128
     symmetric: bool = True
     method: str = "rtn"
-    clip_search: bool = False  # MSE-optimal clipping per group (as HQQ/AWQ search the range)
+    clip_search: bool = False  # MSE-optimal clipping per group (as HQQ/AWQ search the range); with GPTQ the
+    # static grids' search, diag(H)-weighted
+    act_order: bool = False  # GPTQ: visit columns by decreasing diag(H), static groups (no g_idx)
     format: str = "int"  # "int" or "code2" (the 2-bit convolutional code; bits=2, group_size=64; the code
     # has its own per-column affine codebook, so ``symmetric`` and ``clip_search`` do not apply to it)
 
@@ -74,7 +76,7 @@ class Rule:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Rule":
-        known = {"bits", "group_size", "symmetric", "method", "clip_search", "format"}
+        known = {"bits", "group_size", "symmetric", "method", "clip_search", "act_order", "format"}
         unknown = set(d) - known - {"pattern"}
         if unknown:
             raise UsageError(f"recipe rule has unknown key(s): {', '.join(sorted(unknown))}")
