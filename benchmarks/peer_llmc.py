@@ -55,9 +55,10 @@ def dequantized(model) -> dict[str, torch.Tensor]:
             continue
         args = mod.quantization_scheme.weights
         zp = getattr(mod, "weight_zero_point", None)
-        g_idx = getattr(mod, "weight_g_idx", None)
+        if getattr(mod, "weight_g_idx", None) is not None:
+            raise RuntimeError(f"{name}: g_idx (group act order) is not supported here; the recipes use static groups")
         with torch.no_grad():
-            out[f"{name}.weight"] = fake_quantize(mod.weight.float(), mod.weight_scale.float(), zp, args, g_idx=g_idx).contiguous()
+            out[f"{name}.weight"] = fake_quantize(mod.weight.float(), mod.weight_scale.float(), zp, args).contiguous()
     return out
 
 
