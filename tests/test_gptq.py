@@ -91,3 +91,16 @@ def test_clip_search_grid_lowers_output_error_with_outliers(act_order):
     plain = gptq(w, H, 4, 64, True, act_order=act_order)
     mse = gptq(w, H, 4, 64, True, act_order=act_order, clip_search=True)
     assert err(mse) < 0.99 * err(plain), (err(mse), err(plain))
+
+
+def test_fp_target_aims_gptq_at_the_fp_outputs():
+    from quantkit.quant.gptq import fp_target
+
+    X = correlated_inputs(2048, 128, seed=7)  # the fp model's inputs
+    Xq = X + 0.3 * correlated_inputs(2048, 128, seed=8)  # the quantized model's inputs drift from them
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(9))
+    H, M = Xq.T @ Xq, X.T @ Xq
+    torch.testing.assert_close(fp_target(w, H, H, damp=0.0), w, atol=1e-3, rtol=1e-3)  # no drift: W itself
+    asym = lambda q: (X @ w.T - Xq @ q.dequantize().T).pow(2).sum().item()
+    plain, aimed = gptq(w, H, 4, 64, True), gptq(fp_target(w, H, M), H, 4, 64, True)
+    assert asym(aimed) < 0.8 * asym(plain), (asym(aimed), asym(plain))

@@ -29,6 +29,8 @@ def _quantizer(entry: PlanEntry):
 def _rescale_stat(cap: LayerCapture, key: str, s: torch.Tensor) -> None:
     st = cap.stats[key]
     st.H = scale_hessian(st.H, s)
+    if st.M is not None:  # both streams' inputs are divided by s
+        st.M = scale_hessian(st.M, s)
     st.abs_sum = st.abs_sum / s
 
 

@@ -16,7 +16,7 @@ import torch
 from quantkit.calib.capture import LayerCapture
 from quantkit.quant.code2 import code2
 from quantkit.quant.config import PlanEntry
-from quantkit.quant.gptq import gptq
+from quantkit.quant.gptq import fp_target, gptq
 from quantkit.quant.qtensor import Code2Tensor, QTensor
 from quantkit.quant.rtn import rtn
 
@@ -82,8 +82,12 @@ def quantize_layer(layer, prefix: str, entries: list[PlanEntry], cap: LayerCaptu
         param = layer.get_parameter(rel if entry.is_experts else f"{rel}.weight")
         w = param.data  # updated in place with the dequantized weights below
         use_gptq = cap is not None and "gptq" in entry.rule.method
-        H = cap.stat_for(rel).H if cap is not None else None
-        qt = _quantize(entry, w, H, scale_dtype, use_gptq)
+        st = cap.stat_for(rel) if cap is not None else None
+        H = None if st is None else st.H
+        target = w
+        if use_gptq and entry.rule.fp_target and st.M is not None and entry.rule.format == "int":
+            target = fp_target(w, H, st.M)  # GPTQ then minimises Σ‖W x_fp − Q x̃‖²
+        qt = _quantize(entry, target, H, scale_dtype, use_gptq)
         if entry.is_experts and starving and use_gptq and isinstance(qt, Code2Tensor):  # plain encoder instead
             fallback = code2(w[starving])
             for t, f in zip(qt.tensors().values(), fallback.tensors().values()):

@@ -135,6 +135,7 @@ class QuantizeRun:
         self.fused = check_export(self.plan, options.export)
         self.specs = output_specs(self.ckpt.skeleton, self.cfg, self.plan, self.dtype, self.fused)
         self.calibrated = any(e.rule.method != "rtn" for e in self.plan.entries)
+        self.fp_stream = any(e.rule.fp_target and "gptq" in e.rule.method for e in self.plan.entries)
         self.out = Path(out).expanduser().resolve()
         self.partial = self.out.parent / f".{self.out.name}.partial"
         self.fp = resume.fingerprint(self.path, self.ckpt.reader, {
@@ -143,7 +144,7 @@ class QuantizeRun:
             "device": options.device, "shard": options.max_shard_bytes, "export": options.export})
         self.state = {"fingerprint": self.fp, "layers_done": -1, "written": [], "layers": [],
                       "total_weights": 0, "quantized_weights": 0}
-        self.hidden = self.cos = self.sin = None
+        self.hidden = self.fp_hidden = self.cos = self.sin = None
 
     # -- phases --------------------------------------------------------------------------------------
     def calibration_inputs(self) -> None:
@@ -151,8 +152,13 @@ class QuantizeRun:
         windows = calibration_windows(c.data, Tokenizer(self.path), c.samples, c.seq_len, c.seed)
         embed = self.ckpt.read_param("model.embed_tokens.weight", torch.float32).to(self.opt.device)
         self.hidden = HiddenStore(self.partial / resume.HIDDEN_DIR, c.memory_budget, self.opt.device)
+        if self.fp_stream:  # the same windows through the unquantized model (its own budget and folder)
+            self.fp_hidden = HiddenStore(self.partial / resume.FP_HIDDEN_DIR, c.memory_budget, self.opt.device)
         for i in range(0, len(windows), c.batch_size):
-            self.hidden.append(torch.nn.functional.embedding(windows[i:i + c.batch_size].to(self.opt.device), embed))
+            h = torch.nn.functional.embedding(windows[i:i + c.batch_size].to(self.opt.device), embed)
+            self.hidden.append(h)
+            if self.fp_stream:
+                self.fp_hidden.append(h.clone())
 
     def write_plain(self, name: str, t: torch.Tensor) -> None:
         self.state["total_weights"] += t.numel()
@@ -173,7 +179,10 @@ class QuantizeRun:
         cap = awq_alphas = None
         if self.calibrated:
             cap = capture_layer(layer, self.hidden, self.cos, self.sin, expert_calibration=c.expert_calibration,
-                                prob_weighted=c.prob_weighted)
+                                prob_weighted=c.prob_weighted, fp_hidden=self.fp_hidden)
+            if self.fp_hidden is not None:  # the fp stream moves on through the layer's fp weights
+                with torch.no_grad():
+                    self.fp_hidden = self.fp_hidden.map(lambda h: layer(h, self.cos, self.sin))
             if any("awq" in e.rule.method for e in entries):
                 awq_alphas = apply_awq(layer, cap, {e.module[len(prefix) + 1:]: e for e in entries})
         res = quantize_layer(layer, prefix, entries, cap, scale_dtype=self.dtype, min_expert_tokens=c.min_expert_tokens,
@@ -205,6 +214,7 @@ class QuantizeRun:
         self.state["layers_done"] = idx
         self.state["written"] = sorted(set(self.writer.shards.where) - self.writer.shards.pending)
         self.state["hidden"] = self.hidden.persist() if self.calibrated else None
+        self.state["hidden_fp"] = self.fp_hidden.persist() if self.fp_hidden is not None else None
         resume.save_state(self.partial, self.state)
 
     def finish(self) -> dict:
@@ -270,6 +280,9 @@ class QuantizeRun:
                 if self.calibrated and saved["layers_done"] >= 0:
                     self.hidden = HiddenStore.reopen(self.partial / resume.HIDDEN_DIR, self.opt.calib.memory_budget,
                                                      self.opt.device, saved["hidden"])
+                    if saved.get("hidden_fp"):
+                        self.fp_hidden = HiddenStore.reopen(self.partial / resume.FP_HIDDEN_DIR,
+                                                            self.opt.calib.memory_budget, self.opt.device, saved["hidden_fp"])
             if self.calibrated and self.hidden is None:
                 self.calibration_inputs()
             if saved is None:

@@ -49,6 +49,8 @@ class Rule:
     clip_search: bool = False  # MSE-optimal clipping per group (as HQQ/AWQ search the range); with GPTQ the
     # static grids' search, diag(H)-weighted
     act_order: bool = False  # GPTQ: visit columns by decreasing diag(H), static groups (no g_idx)
+    fp_target: bool = False  # GPTQ: aim at the fp model's outputs (asymmetric calibration; attention, dense and
+    # shared-expert linears), which costs a second (fp) hidden-state stream during calibration
     format: str = "int"  # "int" or "code2" (the 2-bit convolutional code; bits=2, group_size=64; the code
     # has its own per-column affine codebook, so ``symmetric`` and ``clip_search`` do not apply to it)
 
@@ -76,7 +78,7 @@ class Rule:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Rule":
-        known = {"bits", "group_size", "symmetric", "method", "clip_search", "act_order", "format"}
+        known = {"bits", "group_size", "symmetric", "method", "clip_search", "act_order", "fp_target", "format"}
         unknown = set(d) - known - {"pattern"}
         if unknown:
             raise UsageError(f"recipe rule has unknown key(s): {', '.join(sorted(unknown))}")

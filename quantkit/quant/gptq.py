@@ -48,6 +48,19 @@ def inverse_cholesky(H: torch.Tensor, damp: float, retries: int = 4) -> torch.Te
     raise RuntimeError(f"GPTQ: Hessian not positive definite even with dampening {damp * 10 ** retries}")
 
 
+def fp_target(w: torch.Tensor, H: torch.Tensor, M: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """The weights to hand GPTQ so that it aims at the fp model's outputs (GPTAQ-style asymmetric calibration).
+
+    With x the fp model's input to this linear and x̃ the quantized model's, Σ‖W x − Q x̃‖² equals
+    Σ‖W* x̃ − Q x̃‖² + const for the least-squares W* = W M H⁻¹ (H = Σ x̃ x̃ᵀ, M = Σ x x̃ᵀ): the cross term
+    vanishes at W*, so plain GPTQ of W* under H minimises the asymmetric objective. H gets GPTQ's dampening.
+    w [.., N, K], H and M [.., K, K] -> [.., N, K] fp32."""
+    H = H.float()
+    lam = damp * torch.diagonal(H, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-8)
+    Hd = H + lam[..., None, None] * torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+    return torch.linalg.solve(Hd, (w.float() @ M.float()).transpose(-2, -1)).transpose(-2, -1)
+
+
 def gptq(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool, *, block_size: int = 128,
          damp: float = 0.01, act_order: bool = False, clip_search: bool = False,
          scale_dtype: torch.dtype | None = None) -> QTensor:
