@@ -3,9 +3,10 @@
     python benchmarks/peers.py [--peer-venv ~/.cache/quantkit/peer-venv] [--schemes w4g64-sym,w2g64-asym]
         [--methods rtn,gptq,awq,awq+gptq] [--eval peoples-daily:test] [--moe] [--json out.json [--resume]]
 
-Model: ``demo:smollm2-dense`` (SmolLM2-135M as a dense ERNIE checkpoint) for quantkit, and the same
-tensors written as a transformers ``LlamaForCausalLM`` checkpoint for the peer (q/k rows permuted from
-ERNIE's interleaved RoPE layout to Llama's rotate-half one; nothing else changes). One tokenizer (the
+Model: ``demo:smollm2-dense`` (SmolLM2-135M as a dense ERNIE checkpoint, bf16) for quantkit, as an fp32
+copy (the peer loads its model in fp32, so both keep fp32 scales: with them the two RTNs give identical
+weights), and the same tensors written as a transformers ``LlamaForCausalLM`` checkpoint for the peer
+(q/k rows permuted from ERNIE's interleaved RoPE layout to Llama's rotate-half one; nothing else changes). One tokenizer (the
 demo's), one set of calibration windows (``calibration_windows``: 32 x 512 of ``sotu:train``, seed 0,
 the windows ``quantkit quantize`` draws, handed to llm-compressor as token ids), one cut of evaluation
 windows (30 x 512, held out and of another domain than the calibration), one NLL code path
@@ -17,7 +18,8 @@ llm-compressor's own logits on one window.
 llm-compressor (pinned below) lives in its own venv, created here on first use (torch 2.13.0 CPU first,
 so pip does not pull a CUDA build); it is never a dependency of quantkit. Both sides run with the same
 torch thread count, one run at a time. Times: quantkit's whole ``quantize()`` (read, calibrate,
-quantize, write) against the peer's ``oneshot()`` alone (its model load and dequantization excluded).
+quantize, write) against the peer's model load + ``oneshot()`` + compressed ``save_pretrained`` (the
+JSON also holds each part).
 """
 
 from __future__ import annotations
@@ -91,6 +93,22 @@ def write_llama(src: Path, dst: Path) -> Path:
     return dst
 
 
+def write_fp32(src: Path, dst: Path) -> Path:
+    """The same checkpoint with every float tensor in fp32 (bf16 values are exact in fp32), so quantkit, like
+    llm-compressor on its fp32-loaded model, keeps fp32 scales: both quantize the same fp32 weights."""
+    if (dst / "config.json").exists():
+        return dst
+    dst.mkdir(parents=True, exist_ok=True)
+    w = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(src / "model.safetensors")).items()}
+    save_file(w, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, "torch_dtype": "float32"}, indent=2) + "\n")
+    for f in src.iterdir():
+        if f.name not in ("config.json", "model.safetensors") and f.is_file():
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
 class HFLogits:
     """``model(ids [1, T]) -> logits [1, T, V]`` for a transformers causal LM (what ``perplexity`` calls)."""
 
@@ -155,13 +173,14 @@ def main() -> None:
     src = resolve(a.src)
     work = Path(tempfile.mkdtemp(prefix="quantkit-peers-"))
     llama = write_llama(src, cache_root() / "peers" / f"{src.name}-llama")
+    src32 = write_fp32(src, cache_root() / "peers" / f"{src.name}-fp32")  # what quantkit quantizes
     tok = Tokenizer(src)
     ids = torch.tensor(tokenize_for_windows(tok, load_text(a.eval), a.seq_len, a.windows))
     calib = calibration_windows(a.calib, tok, a.calib_samples, a.seq_len, 0)
     torch.save(calib, work / "calib.pt")
     torch.save(ids[None, :a.seq_len].clone(), work / "probe.pt")
     settings = {"src": a.src, "eval": a.eval, "seq_len": a.seq_len, "windows": a.windows, "calib": a.calib,
-                "calib_samples": a.calib_samples, "threads": a.threads}
+                "calib_samples": a.calib_samples}
     doc = {**settings, "versions": {"quantkit": quantkit.__version__, "torch": torch.__version__,
                                     "transformers": version("transformers")}, "rows": []}
     if a.resume and a.json and Path(a.json).exists():
@@ -202,14 +221,14 @@ def main() -> None:
                 key = f"{label} {scheme} {method}"
                 if have(key):
                     continue
-                row = {"key": key, "toolkit": label, "method": method, "scheme": scheme}
+                row = {"key": key, "toolkit": label, "method": method, "scheme": scheme, "threads": a.threads}
                 if kit == "quantkit":
                     recipe = simple_recipe(bits, group, sym).with_method(method)
                     recipe = replace(recipe, rules=tuple((p, replace(r, **overrides)) for p, r in recipe.rules))
                     row["rule"] = recipe.rules[0][1].to_dict()
                     calib_opt = CalibOptions(data=a.calib, samples=a.calib_samples, seq_len=a.seq_len, seed=0)
                     t0 = time.perf_counter()
-                    quantize(str(src), work / "q", recipe, QuantizeOptions(force=True, progress=False, calib=calib_opt))
+                    quantize(str(src32), work / "q", recipe, QuantizeOptions(force=True, progress=False, calib=calib_opt))
                     row["quantize_seconds"] = time.perf_counter() - t0
                     model = dequantized_once(quantkit.load(work / "q"))
                 else:
@@ -222,7 +241,8 @@ def main() -> None:
                     peer = json.loads(rj.read_text())
                     if not peer["ok"]:
                         raise SystemExit(f"llm-compressor {method} failed: {peer['error']}")
-                    row.update({k: peer[k] for k in ("quantize_seconds", "versions", "quantized_modules")})
+                    row.update({k: peer.get(k) for k in ("quantize_seconds", "load_seconds", "oneshot_seconds", "save_seconds",
+                                                         "versions", "quantized_modules")})
                     model = hf_model(llama, load_file(str(out)))
                     own = torch.load(work / "probe.pt.logits")
                     row["probe_max_abs_logit_diff"] = float((model(torch.load(work / "probe.pt")) - own).abs().max())
@@ -266,7 +286,7 @@ def print_table(doc: dict) -> None:
     rows = doc["rows"]
     fp = next(r for r in rows if r["key"] == "fp")
     print(f"\n{doc['src']}: eval {doc['eval']} ({doc['windows']} x {doc['seq_len']}, {fp['tokens']} predicted tokens), "
-          f"calibration {doc['calib']} {doc['calib_samples']} x {doc['seq_len']}, {doc['threads']} threads\n")
+          f"calibration {doc['calib']} {doc['calib_samples']} x {doc['seq_len']}; torch threads per row in the JSON\n")
     print("| scheme | method | toolkit | perplexity | gap to fp | gap / llm-compressor's | quantize s | s / llm-compressor's |")
     print("|---|---|---|---|---|---|---|---|")
     print(f"| fp | - | both | {fp['perplexity']:.3f} | - | - | - | - |")
