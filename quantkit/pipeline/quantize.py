@@ -180,9 +180,9 @@ class QuantizeRun:
         if self.calibrated:
             cap = capture_layer(layer, self.hidden, self.cos, self.sin, expert_calibration=c.expert_calibration,
                                 prob_weighted=c.prob_weighted, fp_hidden=self.fp_hidden)
-            if self.fp_hidden is not None:  # the fp stream moves on through the layer's fp weights
-                with torch.no_grad():
-                    self.fp_hidden = self.fp_hidden.map(lambda h: layer(h, self.cos, self.sin))
+            if self.fp_hidden is not None:  # the fp stream's next inputs, through the layer's fp weights; this
+                with torch.no_grad():  # generation stays on disk until the layer is done (resume reopens it)
+                    fp_next = self.fp_hidden.map(lambda h: layer(h, self.cos, self.sin), drop=False)
             if any("awq" in e.rule.method for e in entries):
                 awq_alphas = apply_awq(layer, cap, {e.module[len(prefix) + 1:]: e for e in entries})
         res = quantize_layer(layer, prefix, entries, cap, scale_dtype=self.dtype, min_expert_tokens=c.min_expert_tokens,
@@ -203,6 +203,9 @@ class QuantizeRun:
                 tensors = fmt.module_tensors(entry.module, res.qtensors[rel])
             for k, v in tensors.items():
                 self.writer.write(k, v)
+        if self.fp_hidden is not None:
+            self.fp_hidden.drop()
+            self.fp_hidden = fp_next
         if self.calibrated:
             with torch.no_grad():  # the quantized layer feeds the next
                 self.hidden = self.hidden.map(lambda h: layer(h, self.cos, self.sin))
