@@ -94,7 +94,7 @@ def _parse_size(text: str) -> int:
 @click.option("--group-size", default="128", show_default=True, help="32, 64, 128 or channel")
 @click.option("--sym/--asym", default=None, help="symmetric (default for 4/8 bits) or asymmetric (default for 2/3 bits)")
 @click.option("--method", type=click.Choice(["rtn", "gptq", "awq", "awq+gptq"]), default="rtn", show_default=True)
-@click.option("--clip-search", is_flag=True, help="MSE-optimal clipping per group (slower, lower error)")
+@click.option("--clip-search", is_flag=True, help="MSE-optimal clipping per group for plain RTN too (gptq and awq search by default)")
 @click.option("--calib", "calib_data", default=None, help="calibration DATA (default: sotu:train+peoples-daily:train)")
 @click.option("--calib-samples", default=128, show_default=True, type=int, help="calibration windows")
 @click.option("--calib-seq-len", default=2048, show_default=True, type=int, help="tokens per calibration window")

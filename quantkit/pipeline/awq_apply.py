@@ -23,7 +23,7 @@ from quantkit.quant.rtn import rtn
 
 def _quantizer(entry: PlanEntry):
     r = entry.rule
-    return lambda w: rtn(w, r.bits, entry.group_size, r.symmetric, clip_search=r.clip_search, scale_dtype=torch.float32).dequantize()
+    return lambda w: rtn(w, r.bits, entry.group_size, r.symmetric, clip_search=r.use_clip, scale_dtype=torch.float32).dequantize()
 
 
 def _rescale_stat(cap: LayerCapture, key: str, s: torch.Tensor) -> None:

@@ -55,10 +55,10 @@ def _quantize(entry: PlanEntry, w: torch.Tensor, H: torch.Tensor | None, scale_d
 
     def one(wc, Hc):
         if use_gptq and Hc is not None:
-            return gptq(wc, Hc, r.bits, entry.group_size, r.symmetric, act_order=r.act_order, clip_search=r.clip_search,
+            return gptq(wc, Hc, r.bits, entry.group_size, r.symmetric, act_order=r.act_order, clip_search=r.use_clip,
                         scale_dtype=scale_dtype)
         cw = None if Hc is None else torch.diagonal(Hc, dim1=-2, dim2=-1)[..., None, :]  # clip by output energy
-        return rtn(wc, r.bits, entry.group_size, r.symmetric, clip_search=r.clip_search, scale_dtype=scale_dtype,
+        return rtn(wc, r.bits, entry.group_size, r.symmetric, clip_search=r.use_clip, scale_dtype=scale_dtype,
                    clip_weight=cw)
 
     if w.dim() == 2:
@@ -94,7 +94,7 @@ def quantize_layer(layer, prefix: str, entries: list[PlanEntry], cap: LayerCaptu
                 t[starving] = f
         elif entry.is_experts and starving and use_gptq:  # too few tokens for a trustworthy Hessian
             fallback = rtn(w[starving], entry.rule.bits, entry.group_size, entry.rule.symmetric,
-                           clip_search=entry.rule.clip_search, scale_dtype=scale_dtype)
+                           clip_search=entry.rule.use_clip, scale_dtype=scale_dtype)
             qt.codes[starving], qt.scales[starving] = fallback.codes, fallback.scales
             if qt.zeros is not None:
                 qt.zeros[starving] = fallback.zeros

@@ -46,10 +46,10 @@ class Rule:
     group_size: int | None = 128
     symmetric: bool = True
     method: str = "rtn"
-    clip_search: bool = False  # MSE-optimal clipping per group (as HQQ/AWQ search the range); with GPTQ the
-    # static grids' search, diag(H)-weighted
-    act_order: bool = False  # GPTQ: visit columns by decreasing diag(H), static groups (no g_idx)
-    fp_target: bool = False  # GPTQ: aim at the fp model's outputs (asymmetric calibration; attention, dense and
+    clip_search: bool | None = None  # MSE-optimal clipping per group (as HQQ/AWQ search the range), weighted by
+    # diag(H) where calibration gives one; None: on for the calibrated methods, off for plain RTN (``use_clip``)
+    act_order: bool = True  # GPTQ: visit columns by decreasing diag(H), static groups (no g_idx)
+    fp_target: bool = True  # GPTQ: aim at the fp model's outputs (asymmetric calibration; attention, dense and
     # shared-expert linears), which costs a second (fp) hidden-state stream during calibration
     format: str = "int"  # "int" or "code2" (the 2-bit convolutional code; bits=2, group_size=64; the code
     # has its own per-column affine codebook, so ``symmetric`` and ``clip_search`` do not apply to it)
@@ -65,6 +65,10 @@ class Rule:
             raise UsageError(f"group size must be one of 32, 64, 128 or per-channel, got {self.group_size}")
         if self.method not in METHODS:
             raise UsageError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+
+    @property
+    def use_clip(self) -> bool:
+        return self.method != "rtn" if self.clip_search is None else self.clip_search
 
     @property
     def label(self) -> str:
