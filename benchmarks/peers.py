@@ -163,6 +163,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quantkit-rule", default="", help="rule fields for the quantkit rows, e.g. act_order=1,clip_search=0 "
                     "(rows are labelled with them; default: quantkit's defaults)")
+    ap.add_argument("--rotate", action="store_true", help="quantkit rows quantize the rotated model "
+                    "(quantkit rotate, seed 0): same fp function, labelled 'rot'")
     ap.add_argument("--moe", action="store_true", help="also try llm-compressor (GPTQ w4g64) on demo:smollm2-moe")
     ap.add_argument("--json", default=None)
     ap.add_argument("--resume", action="store_true", help="keep rows already in --json (same settings)")
@@ -174,6 +176,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="quantkit-peers-"))
     llama = write_llama(src, cache_root() / "peers" / f"{src.name}-llama")
     src32 = write_fp32(src, cache_root() / "peers" / f"{src.name}-fp32")  # what quantkit quantizes
+    if a.rotate:
+        from quantkit.transforms.rotate import rotate_checkpoint
+
+        rot = cache_root() / "peers" / f"{src.name}-fp32-rot0"
+        src32 = rot if (rot / "config.json").exists() else rotate_checkpoint(src32, rot, seed=0)
     tok = Tokenizer(src)
     ids = torch.tensor(tokenize_for_windows(tok, load_text(a.eval), a.seq_len, a.windows))
     calib = calibration_windows(a.calib, tok, a.calib_samples, a.seq_len, 0)
@@ -217,7 +224,8 @@ def main() -> None:
         bits, group, sym = SCHEMES[scheme]
         for method in a.methods.split(","):
             for kit in a.toolkits.split(","):
-                label = f"quantkit[{a.quantkit_rule}]" if kit == "quantkit" and a.quantkit_rule else kit
+                tags = ",".join(filter(None, ["rot" if a.rotate else "", a.quantkit_rule]))
+                label = f"quantkit[{tags}]" if kit == "quantkit" and tags else kit
                 key = f"{label} {scheme} {method}"
                 if have(key):
                     continue

@@ -143,6 +143,20 @@ def quantize_cmd(src, out, recipe, bits, group_size, sym, method, clip_search, c
     click.echo(format_summary(report))
 
 
+@main.command("rotate")
+@click.argument("src")
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="output directory")
+@click.option("--seed", default=0, show_default=True, type=int, help="seed of the random orthogonal rotation")
+@_friendly
+def rotate_cmd(src, out, seed):
+    """Fold an orthogonal rotation of the residual stream into the weights (same fp logits, same architecture);
+    quantize the result as any checkpoint."""
+    from quantkit.sources import resolve
+    from quantkit.transforms.rotate import rotate_checkpoint
+
+    click.echo(str(rotate_checkpoint(resolve(src), out, seed)))
+
+
 @main.command("inspect")
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
