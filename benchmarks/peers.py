@@ -280,7 +280,7 @@ def main() -> None:
 
 def rule_overrides(spec: str) -> dict:
     """``act_order=1,clip_search=0`` -> {"act_order": True, "clip_search": False} (bool fields of Rule only)."""
-    known = {f.name for f in fields(Rule) if f.type in ("bool", bool)}
+    known = {f.name for f in fields(Rule) if "bool" in str(f.type)}
     out = {}
     for item in filter(None, spec.split(",")):
         k, _, v = item.partition("=")
