@@ -93,6 +93,11 @@ def main() -> None:
         row["architecture"] = type(model).__name__
         ids = torch.load(a.calib)
         ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+        if not torch.accelerator.is_available():  # 0.14's AWQ pins its CPU activation cache for fast host-to-device
+            from llmcompressor.pipelines.cache import IntermediatesCache  # copies; CPU-only torch refuses to pin
+
+            IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None  # ("Cannot access accelerator device")
+            row["patched"] = "IntermediatesCache.pin_memory made a no-op (CPU-only torch cannot pin memory)"
         t0 = time.perf_counter()
         oneshot(model=model, dataset=ds, recipe=recipe(a.method, a.bits, a.group_size, a.sym),
                 num_calibration_samples=ids.shape[0], max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
