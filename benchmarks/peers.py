@@ -168,7 +168,10 @@ def main() -> None:
     ap.add_argument("--moe", action="store_true", help="also try llm-compressor (GPTQ w4g64) on demo:smollm2-moe")
     ap.add_argument("--json", default=None)
     ap.add_argument("--resume", action="store_true", help="keep rows already in --json (same settings)")
+    ap.add_argument("--table", action="store_true", help="only print the table of --json")
     a = ap.parse_args()
+    if a.table:
+        return print_table(json.loads(Path(a.json).read_text()))
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
 

@@ -49,8 +49,9 @@ class Rule:
     clip_search: bool | None = None  # MSE-optimal clipping per group (as HQQ/AWQ search the range), weighted by
     # diag(H) where calibration gives one; None: on for the calibrated methods, off for plain RTN (``use_clip``)
     act_order: bool = True  # GPTQ: visit columns by decreasing diag(H), static groups (no g_idx)
-    fp_target: bool = True  # GPTQ: aim at the fp model's outputs (asymmetric calibration; attention, dense and
-    # shared-expert linears), which costs a second (fp) hidden-state stream during calibration
+    fp_target: bool = False  # GPTQ: aim at the fp model's outputs (asymmetric calibration; attention, dense and
+    # shared-expert linears), which costs a second (fp) hidden-state stream during calibration; off: not yet
+    # shown to help end to end (benchmarks/peers.py)
     format: str = "int"  # "int" or "code2" (the 2-bit convolutional code; bits=2, group_size=64; the code
     # has its own per-column affine codebook, so ``symmetric`` and ``clip_search`` do not apply to it)
 

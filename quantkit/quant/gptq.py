@@ -53,12 +53,15 @@ def fp_target(w: torch.Tensor, H: torch.Tensor, M: torch.Tensor, damp: float = 0
 
     With x the fp model's input to this linear and x̃ the quantized model's, Σ‖W x − Q x̃‖² equals
     Σ‖W* x̃ − Q x̃‖² + const for the least-squares W* = W M H⁻¹ (H = Σ x̃ x̃ᵀ, M = Σ x x̃ᵀ): the cross term
-    vanishes at W*, so plain GPTQ of W* under H minimises the asymmetric objective. H gets GPTQ's dampening.
+    vanishes at W*, so plain GPTQ of W* under H minimises the asymmetric objective. Written as the correction
+    W* = W + W (M − H) H⁻¹ with GPTQ's dampening on H only there, so identical streams (M = H) give W itself
+    (a damped W M (H + λI)⁻¹ would shrink W instead). Not on by default: its first end-to-end run on the demo
+    (with the damped product form) broke the model, and this form is not yet measured end to end.
     w [.., N, K], H and M [.., K, K] -> [.., N, K] fp32."""
-    H = H.float()
+    H, w = H.float(), w.float()
     lam = damp * torch.diagonal(H, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-8)
     Hd = H + lam[..., None, None] * torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
-    return torch.linalg.solve(Hd, (w.float() @ M.float()).transpose(-2, -1)).transpose(-2, -1)
+    return w + torch.linalg.solve(Hd, (w @ (M.float() - H)).transpose(-2, -1)).transpose(-2, -1)
 
 
 def gptq(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool, *, block_size: int = 128,
