@@ -95,7 +95,7 @@ def _parse_size(text: str) -> int:
 @click.option("--group-size", default="128", show_default=True, help="32, 64, 128 or channel")
 @click.option("--sym/--asym", default=None, help="symmetric (default for 4/8 bits) or asymmetric (default for 2/3 bits)")
 @click.option("--method", type=click.Choice(["rtn", "gptq", "awq", "awq+gptq"]), default="rtn", show_default=True)
-@click.option("--clip-search", is_flag=True, help="MSE-optimal clipping per group (slower, lower error)")
+@click.option("--clip-search", is_flag=True, help="MSE-optimal clipping per group for plain RTN too (gptq and awq search by default)")
 @click.option("--calib", "calib_data", default=None, help="calibration DATA (default: sotu:train+peoples-daily:train)")
 @click.option("--calib-samples", default=128, show_default=True, type=int, help="calibration windows")
 @click.option("--calib-seq-len", default=2048, show_default=True, type=int, help="tokens per calibration window")
@@ -146,6 +146,20 @@ def quantize_cmd(src, out, recipe, bits, group_size, sym, method, clip_search, c
         return
     report = quantize(src, out, r, options, resume_run=resume)
     click.echo(format_summary(report))
+
+
+@main.command("rotate")
+@click.argument("src")
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="output directory")
+@click.option("--seed", default=0, show_default=True, type=int, help="seed of the random orthogonal rotation")
+@_friendly
+def rotate_cmd(src, out, seed):
+    """Fold an orthogonal rotation of the residual stream into the weights (same fp logits, same architecture);
+    quantize the result as any checkpoint."""
+    from quantkit.sources import resolve
+    from quantkit.transforms.rotate import rotate_checkpoint
+
+    click.echo(str(rotate_checkpoint(resolve(src), out, seed)))
 
 
 @main.command("inspect")

@@ -26,7 +26,7 @@ def test_folding_leaves_fp_logits_unchanged(tiny_dir):
         prefix = f"model.layers.{idx}."
         entries = {e.module[len(prefix):]: e for e in plan.entries if e.module.startswith(prefix)}
         chosen = apply_awq(layer, cap, entries, alphas=(0.5,))  # force a real scaling
-        assert chosen and set(chosen.values()) <= {0.5, -1.0}
+        assert chosen and set(chosen.values()) <= {0.5, "duo:0.50", -1.0}
         changed = [k for k, v in layer.state_dict().items() if not torch.equal(v, old[k])]
         assert any("layernorm" in k for k in changed) and any("v_proj" in k for k in changed)
         with torch.no_grad():
@@ -47,3 +47,18 @@ def test_search_never_worse_than_unscaled_and_helps_with_salient_channels():
     assert min(errors) <= errors[0]  # α = 0 is plain RTN and always a candidate
     assert alpha > 0 and min(errors) < 0.5 * errors[0]  # measured: 0.37x at 4-bit g128
     torch.testing.assert_close(s, x.abs().mean(0).pow(alpha) / (x.abs().mean(0).pow(alpha).max() * x.abs().mean(0).pow(alpha).min()).sqrt())
+
+
+def test_weight_aware_candidates_never_worse_and_weight_mean_is_per_input_column():
+    from quantkit.quant.awq import weight_mean
+
+    w = torch.tensor([[1.0, 2.0, 4.0, 4.0], [4.0, 2.0, 1.0, 2.0]])
+    torch.testing.assert_close(weight_mean([w], 2), torch.tensor([0.75, 0.75, 0.75, 1.0]), atol=1e-5, rtol=0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1024, 128, generator=g) * torch.rand(128, generator=g) * 4
+    w = torch.randn(64, 128, generator=g) * torch.rand(128, generator=g)
+    quant = lambda t: rtn(t, 4, 64, True).dequantize()
+    _, _, plain = search_scale([(w, x.T @ x)], x.abs().mean(0), quant)
+    s, label, both = search_scale([(w, x.T @ x)], x.abs().mean(0), quant, w_mean=weight_mean([w], 64))
+    assert both[:len(plain)] == plain and min(both) <= min(plain)
+    assert torch.isfinite(s).all()

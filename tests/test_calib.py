@@ -107,3 +107,19 @@ def test_spilled_run_equals_in_memory_run(tmp_path):
         quantize("random:ernie-tiny", tmp_path / name, recipe, opts)
         outs[name] = (tmp_path / name / "model.safetensors").read_bytes()
     assert outs["mem"] == outs["disk"]
+
+
+def test_fp_stream_cross_moments(tiny_dir):
+    model = quantkit.load(tiny_dir)
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        h, cos, sin = _moe_layer_input(model, ids)
+        layer = model.model.layers[1]
+        same = capture_layer(layer, [h], cos, sin, fp_hidden=[h.clone()])
+        other = capture_layer(layer, [h], cos, sin, fp_hidden=[1.5 * h])
+    for key in ("self_attn.q_proj", "self_attn.o_proj", "mlp.shared_experts.gate_proj"):
+        torch.testing.assert_close(same.stats[key].M, same.stats[key].H)  # identical streams: M = H
+        assert not torch.allclose(other.stats[key].M, other.stats[key].H)
+        torch.testing.assert_close(other.stats[key].H, same.stats[key].H)  # H is the quantized stream's alone
+    assert same.stats["mlp.experts.gate_proj"].M is None  # routed experts: no pairing
+    assert int(same.expert_tokens.sum()) == 2 * 24 * model.config.moe_k  # the fp pass is not counted

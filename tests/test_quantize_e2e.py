@@ -104,11 +104,15 @@ def checkpoint_bytes(d):
     return {f.name: f.read_bytes() for f in sorted(d.iterdir()) if f.name != "quantize_report.json"}
 
 
-def test_resume_after_failure_is_byte_identical(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fp_target", [False, True])  # True: the fp hidden-state stream is persisted and reopened too
+def test_resume_after_failure_is_byte_identical(tmp_path, monkeypatch, fp_target):
+    from dataclasses import replace
+
     from quantkit.pipeline.quantize import CalibOptions
 
     opts = QuantizeOptions(progress=False, calib=CalibOptions(**CALIB))
     recipe = BUILTIN_RECIPES["w2g64"].with_method("gptq")
+    recipe = replace(recipe, rules=tuple((p, replace(r, fp_target=fp_target)) for p, r in recipe.rules))
     quantize("random:ernie-tiny", tmp_path / "ref", recipe, opts)
 
     import quantkit.pipeline.quantize as pipeline

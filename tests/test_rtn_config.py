@@ -100,3 +100,17 @@ def test_recipe_files_roundtrip(tmp_path):
             get_recipe(str(tmp_path / "bad.json"))
     with pytest.raises(UsageError, match="unknown recipe"):
         get_recipe("w5")
+
+
+def test_weighted_clip_search_never_worse_in_its_metric_and_follows_the_weights():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(32, 128, generator=g)
+    w[:, 0] = 8.0  # column 0 is every group's outlier
+    for cw, where in ((torch.ones(128), "flat"), (torch.full((128,), 1e-3), "outlier matters")):
+        if where == "outlier matters":
+            cw[0] = 1e3
+        metric = lambda q: ((q.dequantize() - w).pow(2) * cw).reshape(32, 2, 64).sum(-1)
+        plain, clipped = rtn(w, 4, 64, True), rtn(w, 4, 64, True, clip_search=True, clip_weight=cw[None])
+        assert bool((metric(clipped) <= metric(plain) + 1e-5).all())
+    # where column 0 dominates the metric, the first group keeps its full range (no clipping of the outlier)
+    assert torch.equal(clipped.scales[:, 0], plain.scales[:, 0])

@@ -12,11 +12,19 @@ through every expert for the statistics while the layer's output still uses the 
 expert starves and the forward pass is unchanged. ``prob_weighted`` weights each token by its routing
 weight for that expert (renormalised top-k weight when routed, softmax probability with ``all``).
 ``tokens[e]`` always counts the tokens the router actually sent to expert e.
+
+With ``fp_hidden`` (the same windows' hidden states through the unquantized model) each batch is run
+twice: first the fp stream, whose inputs to every attention / dense-MLP / shared-expert linear are kept
+for that batch, then the quantized stream, which accumulates H as usual and also the cross moment
+    M = Σ x_fp x̃ᵀ      [K, K]   (x_fp: fp model's input, x̃: the quantized model's input to the same linear)
+that lets GPTQ aim at the fp model's outputs (``quantkit.quant.gptq.fp_target``). Routed experts see
+different tokens in the two streams and get no M.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import torch
 import torch.nn.functional as F
@@ -34,11 +42,17 @@ class Stat:
         self.H = torch.zeros(*lead, k, k, dtype=torch.float32, device=device)
         self.abs_sum = torch.zeros(*lead, k, dtype=torch.float32, device=device)
         self.count = torch.zeros(lead, dtype=torch.float64, device=device)
+        self.M: torch.Tensor | None = None  # Σ x_fp x̃ᵀ, only with an fp stream (2-D stats)
 
-    def add(self, x: torch.Tensor, weights: torch.Tensor | None = None, index: int | None = None) -> None:
+    def add(self, x: torch.Tensor, weights: torch.Tensor | None = None, index: int | None = None,
+            fp: torch.Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         if x.shape[0] == 0:
             return
+        if fp is not None:
+            if self.M is None:
+                self.M = torch.zeros_like(self.H)
+            self.M.addmm_(fp.reshape(-1, x.shape[-1]).float().T, x)
         xw = x if weights is None else x * weights.reshape(-1, 1).float()
         H, a, c = (self.H, self.abs_sum, self.count) if index is None else (self.H[index], self.abs_sum[index], self.count[index:index + 1])
         H.addmm_(xw.T, x)
@@ -61,23 +75,28 @@ class LayerCapture:
         return self.stats[f"{stem}.{SHARES_INPUT.get(leaf, leaf)}"]
 
 
-def _linear_hook(cap: LayerCapture, key: str, k: int, device):
+def _linear_hook(cap: LayerCapture, key: str, k: int, device, fp_inputs: dict | None):
     cap.stats[key] = Stat(k, device)
 
     def hook(_mod, args):
-        cap.stats[key].add(args[0])
+        if fp_inputs is not None and fp_inputs.get("_fp_pass"):
+            fp_inputs[key] = args[0]
+            return
+        cap.stats[key].add(args[0], fp=None if fp_inputs is None else fp_inputs.pop(key))
 
     return hook
 
 
 def capture_layer(layer, hidden, cos, sin, *, expert_calibration: str = "routed",
-                  prob_weighted: bool = False) -> LayerCapture:
-    """Run ``layer`` over every batch in ``hidden`` (an iterable of [b, T, H]), collecting statistics."""
+                  prob_weighted: bool = False, fp_hidden=None) -> LayerCapture:
+    """Run ``layer`` over every batch in ``hidden`` (an iterable of [b, T, H]), collecting statistics;
+    ``fp_hidden``: the fp model's hidden states of the same batches (adds the cross moments M)."""
     if expert_calibration not in EXPERT_CALIBRATION:
         raise ValueError(f"expert calibration must be one of {EXPERT_CALIBRATION}")
     device = next(layer.parameters()).device
     cap = LayerCapture()
     handles = []
+    fp_inputs = None if fp_hidden is None else {"_fp_pass": False}
     targets = {"self_attn.q_proj": layer.self_attn.q_proj, "self_attn.o_proj": layer.self_attn.o_proj}
     mlp = layer.mlp
     if isinstance(mlp, SparseMoeBlock):
@@ -87,7 +106,7 @@ def capture_layer(layer, hidden, cos, sin, *, expert_calibration: str = "routed"
     else:
         targets["mlp.gate_proj"], targets["mlp.down_proj"] = mlp.gate_proj, mlp.down_proj
     for key, mod in targets.items():
-        handles.append(mod.register_forward_pre_hook(_linear_hook(cap, key, mod.in_features, device)))
+        handles.append(mod.register_forward_pre_hook(_linear_hook(cap, key, mod.in_features, device, fp_inputs)))
 
     if isinstance(mlp, SparseMoeBlock):
         ex = mlp.experts
@@ -97,6 +116,8 @@ def capture_layer(layer, hidden, cos, sin, *, expert_calibration: str = "routed"
         cap.expert_tokens = torch.zeros(E, dtype=torch.int64)
 
         def on_block_input(_mod, args):
+            if fp_inputs is not None and fp_inputs["_fp_pass"]:
+                return
             x = args[0].reshape(-1, args[0].shape[-1])
             ids, _ = mlp.route(x)
             cap.expert_tokens += torch.bincount(ids.flatten().cpu(), minlength=E)
@@ -109,7 +130,7 @@ def capture_layer(layer, hidden, cos, sin, *, expert_calibration: str = "routed"
                     cap.stats["mlp.experts.down_proj"].add(h, w, index=e)
 
         def observer(e, x, h, w):
-            if expert_calibration == "routed":
+            if expert_calibration == "routed" and not (fp_inputs is not None and fp_inputs["_fp_pass"]):
                 cap.stats["mlp.experts.gate_proj"].add(x, w if prob_weighted else None, index=e)
                 cap.stats["mlp.experts.down_proj"].add(h, w if prob_weighted else None, index=e)
 
@@ -117,7 +138,11 @@ def capture_layer(layer, hidden, cos, sin, *, expert_calibration: str = "routed"
         ex.observer = observer
     try:
         with torch.no_grad():
-            for h in hidden:
+            for h, hf in zip(hidden, fp_hidden if fp_hidden is not None else repeat(None)):
+                if hf is not None:
+                    fp_inputs["_fp_pass"] = True
+                    layer(hf, cos, sin)
+                    fp_inputs["_fp_pass"] = False
                 layer(h, cos, sin)
     finally:
         for h in handles:

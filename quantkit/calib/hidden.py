@@ -45,11 +45,13 @@ class HiddenStore:
     def spilled(self) -> int:
         return sum(isinstance(it, Path) for it in self.items)
 
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "HiddenStore":
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor], drop: bool = True) -> "HiddenStore":
+        """The next generation; ``drop=False`` keeps this one (and its files) until the caller drops it."""
         nxt = HiddenStore(self.dir, self.budget, self.device, self.generation + 1)
         for h in self:
             nxt.append(fn(h))
-        self.drop()
+        if drop:
+            self.drop()
         return nxt
 
     def drop(self) -> None:

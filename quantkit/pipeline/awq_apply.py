@@ -16,19 +16,21 @@ import torch
 
 from quantkit.calib.capture import LayerCapture
 from quantkit.model.layers import SparseMoeBlock
-from quantkit.quant.awq import ALPHAS, scale_hessian, search_scale
+from quantkit.quant.awq import ALPHAS, scale_hessian, search_scale, weight_mean
 from quantkit.quant.config import PlanEntry
 from quantkit.quant.rtn import rtn
 
 
 def _quantizer(entry: PlanEntry):
     r = entry.rule
-    return lambda w: rtn(w, r.bits, entry.group_size, r.symmetric, clip_search=r.clip_search, scale_dtype=torch.float32).dequantize()
+    return lambda w: rtn(w, r.bits, entry.group_size, r.symmetric, clip_search=r.use_clip, scale_dtype=torch.float32).dequantize()
 
 
 def _rescale_stat(cap: LayerCapture, key: str, s: torch.Tensor) -> None:
     st = cap.stats[key]
     st.H = scale_hessian(st.H, s)
+    if st.M is not None:  # both streams' inputs are divided by s
+        st.M = scale_hessian(st.M, s)
     st.abs_sum = st.abs_sum / s
 
 
@@ -37,12 +39,14 @@ def apply_awq(layer, cap: LayerCapture, entries: dict[str, PlanEntry], alphas=AL
     chosen: dict[str, float] = {}
     attn, mlp = layer.self_attn, layer.mlp
 
-    def run(name, members, stat_key, mean_abs=None, expand=None):
+    def run(name, members, stat_key, mean_abs=None, expand=None, reduce=None):
         if not all(m in entries for m, _, _ in members):
             return None
         pairs = [(w, H) for _, w, H in members]
+        w_mean = weight_mean([w for w, _ in pairs], entries[members[0][0]].group_size)
         s, alpha, _ = search_scale(pairs, cap.stats[stat_key].mean_abs if mean_abs is None else mean_abs,
-                                   _quantizer(entries[members[0][0]]), alphas, expand)
+                                   _quantizer(entries[members[0][0]]), alphas, expand,
+                                   w_mean if reduce is None else reduce(w_mean))
         chosen[name] = alpha
         return s
 
@@ -59,9 +63,10 @@ def apply_awq(layer, cap: LayerCapture, entries: dict[str, PlanEntry], alphas=AL
     n_rep, D = attn.n_heads // attn.n_kv, attn.head_dim
     o_abs = cap.stats["self_attn.o_proj"].mean_abs.view(attn.n_kv, n_rep, D).mean(1).reshape(-1)
     expand = lambda t: t.view(attn.n_kv, 1, D).expand(attn.n_kv, n_rep, D).reshape(-1)
+    per_kv = lambda t: t.view(attn.n_kv, n_rep, D).mean(1).reshape(-1)
     if "self_attn.v_proj" in entries:
         s_kv = run("v->o", [("self_attn.o_proj", attn.o_proj.weight, cap.stats["self_attn.o_proj"].H)],
-                   "self_attn.o_proj", o_abs, expand)
+                   "self_attn.o_proj", o_abs, expand, per_kv)
         if s_kv is not None:
             attn.v_proj.weight.data /= s_kv[:, None]
             attn.o_proj.weight.data *= expand(s_kv)
@@ -97,7 +102,8 @@ def apply_awq(layer, cap: LayerCapture, entries: dict[str, PlanEntry], alphas=AL
             for e in range(ex.num_experts):
                 if float(st.count[e]) == 0:
                     continue
-                s_e, _, _ = search_scale([(ex.down_proj[e], st.H[e])], st.mean_abs[e], q, alphas)
+                s_e, _, _ = search_scale([(ex.down_proj[e], st.H[e])], st.mean_abs[e], q, alphas,
+                                         w_mean=weight_mean([ex.down_proj[e]], entries["mlp.experts.down_proj"].group_size))
                 ex.up_proj.data[e] /= s_e[:, None]
                 ex.down_proj.data[e] *= s_e
                 st.H[e] = scale_hessian(st.H[e], s_e)

@@ -16,7 +16,7 @@ import torch
 from quantkit.calib.capture import LayerCapture
 from quantkit.quant.code2 import code2
 from quantkit.quant.config import PlanEntry
-from quantkit.quant.gptq import gptq
+from quantkit.quant.gptq import fp_target, gptq
 from quantkit.quant.qtensor import Code2Tensor, QTensor, TrellisTensor
 from quantkit.quant.rtn import rtn
 from quantkit.quant.trellis import trellis
@@ -62,8 +62,11 @@ def _quantize(entry: PlanEntry, w: torch.Tensor, H: torch.Tensor | None, scale_d
 
     def one(wc, Hc):
         if use_gptq and Hc is not None:
-            return gptq(wc, Hc, r.bits, entry.group_size, r.symmetric, scale_dtype=scale_dtype)
-        return rtn(wc, r.bits, entry.group_size, r.symmetric, clip_search=r.clip_search, scale_dtype=scale_dtype)
+            return gptq(wc, Hc, r.bits, entry.group_size, r.symmetric, act_order=r.act_order, clip_search=r.use_clip,
+                        scale_dtype=scale_dtype)
+        cw = None if Hc is None else torch.diagonal(Hc, dim1=-2, dim2=-1)[..., None, :]  # clip by output energy
+        return rtn(wc, r.bits, entry.group_size, r.symmetric, clip_search=r.use_clip, scale_dtype=scale_dtype,
+                   clip_weight=cw)
 
     if w.dim() == 2:
         return one(w, H)
@@ -86,15 +89,19 @@ def quantize_layer(layer, prefix: str, entries: list[PlanEntry], cap: LayerCaptu
         param = layer.get_parameter(rel if entry.is_experts else f"{rel}.weight")
         w = param.data  # updated in place with the dequantized weights below
         use_gptq = cap is not None and "gptq" in entry.rule.method
-        H = cap.stat_for(rel).H if cap is not None else None
-        qt = _quantize(entry, w, H, scale_dtype, use_gptq)
+        st = cap.stat_for(rel) if cap is not None else None
+        H = None if st is None else st.H
+        target = w
+        if use_gptq and entry.rule.fp_target and st.M is not None and entry.rule.format == "int":
+            target = fp_target(w, H, st.M)  # GPTQ then minimises Σ‖W x_fp − Q x̃‖²
+        qt = _quantize(entry, target, H, scale_dtype, use_gptq)
         if entry.is_experts and starving and use_gptq and isinstance(qt, (Code2Tensor, TrellisTensor)):  # plain encoder
             fallback = code2(w[starving]) if isinstance(qt, Code2Tensor) else trellis(w[starving], bits=qt.bits, L=qt.L)
             for t, f in zip(qt.tensors().values(), fallback.tensors().values()):
                 t[starving] = f
         elif entry.is_experts and starving and use_gptq:  # too few tokens for a trustworthy Hessian
             fallback = rtn(w[starving], entry.rule.bits, entry.group_size, entry.rule.symmetric,
-                           clip_search=entry.rule.clip_search, scale_dtype=scale_dtype)
+                           clip_search=entry.rule.use_clip, scale_dtype=scale_dtype)
             qt.codes[starving], qt.scales[starving] = fallback.codes, fallback.scales
             if qt.zeros is not None:
                 qt.zeros[starving] = fallback.zeros

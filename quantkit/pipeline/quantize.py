@@ -177,6 +177,7 @@ class QuantizeRun:
                                                  options.tp)[options.server], options.tp)
         self.scale_dtype = torch.bfloat16 if self.fd else self.dtype
         self.calibrated = any(e.rule.method != "rtn" for e in self.plan.entries)
+        self.fp_stream = any(e.rule.fp_target and "gptq" in e.rule.method for e in self.plan.entries)
         self.out = Path(out).expanduser().resolve()
         self.partial = self.out.parent / f".{self.out.name}.partial"
         self.fp = resume.fingerprint(self.path, self.ckpt.reader, {
@@ -185,7 +186,7 @@ class QuantizeRun:
             "device": options.device, "shard": options.max_shard_bytes, "export": options.export})
         self.state = {"fingerprint": self.fp, "layers_done": -1, "written": [], "layers": [],
                       "total_weights": 0, "quantized_weights": 0}
-        self.hidden = self.cos = self.sin = None
+        self.hidden = self.fp_hidden = self.cos = self.sin = None
 
     # -- phases --------------------------------------------------------------------------------------
     def calibration_inputs(self) -> None:
@@ -194,8 +195,13 @@ class QuantizeRun:
         embed = self.ckpt.read_param("model.embed_tokens.weight", torch.float32).to(self.opt.device)
         check_source(["model.embed_tokens.weight"], embed)
         self.hidden = HiddenStore(self.partial / resume.HIDDEN_DIR, c.memory_budget, self.opt.device)
+        if self.fp_stream:  # the same windows through the unquantized model (its own budget and folder)
+            self.fp_hidden = HiddenStore(self.partial / resume.FP_HIDDEN_DIR, c.memory_budget, self.opt.device)
         for i in range(0, len(windows), c.batch_size):
-            self.hidden.append(torch.nn.functional.embedding(windows[i:i + c.batch_size].to(self.opt.device), embed))
+            h = torch.nn.functional.embedding(windows[i:i + c.batch_size].to(self.opt.device), embed)
+            self.hidden.append(h)
+            if self.fp_stream:
+                self.fp_hidden.append(h.clone())
 
     def write_plain(self, name: str, t: torch.Tensor) -> None:
         self.state["total_weights"] += t.numel()
@@ -224,9 +230,12 @@ class QuantizeRun:
             check_source(source_names(f"{prefix}.{name}", self.cfg), t)
         if self.calibrated:
             cap = capture_layer(layer, self.hidden, self.cos, self.sin, expert_calibration=c.expert_calibration,
-                                prob_weighted=c.prob_weighted)
+                                prob_weighted=c.prob_weighted, fp_hidden=self.fp_hidden)
             for key, stat in cap.stats.items():
                 check_activations(f"{prefix}.{key}", stat.abs_sum)
+            if self.fp_hidden is not None:  # the fp stream's next inputs, through the layer's fp weights; this
+                with torch.no_grad():  # generation stays on disk until the layer is done (resume reopens it)
+                    fp_next = self.fp_hidden.map(lambda h: layer(h, self.cos, self.sin), drop=False)
             if any("awq" in e.rule.method for e in entries):
                 awq_alphas = apply_awq(layer, cap, {e.module[len(prefix) + 1:]: e for e in entries})
         res = quantize_layer(layer, prefix, entries, cap, scale_dtype=self.scale_dtype, min_expert_tokens=c.min_expert_tokens,
@@ -250,6 +259,9 @@ class QuantizeRun:
                 tensors = fmt.module_tensors(entry.module, res.qtensors[rel])
             for k, v in tensors.items():
                 self.writer.write(k, v)
+        if self.fp_hidden is not None:
+            self.fp_hidden.drop()
+            self.fp_hidden = fp_next
         if self.calibrated:
             with torch.no_grad():  # the quantized layer feeds the next
                 self.hidden = self.hidden.map(lambda h: self._checked(layer(h, self.cos, self.sin), prefix))
@@ -266,6 +278,7 @@ class QuantizeRun:
         self.state["layers_done"] = idx
         self.state["written"] = sorted(set(self.writer.shards.where) - self.writer.shards.pending)
         self.state["hidden"] = self.hidden.persist() if self.calibrated else None
+        self.state["hidden_fp"] = self.fp_hidden.persist() if self.fp_hidden is not None else None
         resume.save_state(self.partial, self.state)
 
     def finish(self) -> dict:
@@ -331,6 +344,9 @@ class QuantizeRun:
                 if self.calibrated and saved["layers_done"] >= 0:
                     self.hidden = HiddenStore.reopen(self.partial / resume.HIDDEN_DIR, self.opt.calib.memory_budget,
                                                      self.opt.device, saved["hidden"])
+                    if saved.get("hidden_fp"):
+                        self.fp_hidden = HiddenStore.reopen(self.partial / resume.FP_HIDDEN_DIR,
+                                                            self.opt.calib.memory_budget, self.opt.device, saved["hidden_fp"])
             if self.calibrated and self.hidden is None:
                 self.calibration_inputs()
             if saved is None:

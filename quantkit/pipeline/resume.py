@@ -22,6 +22,7 @@ from quantkit.errors import UsageError
 
 STATE_FILE = ".resume.json"
 HIDDEN_DIR = "hidden"
+FP_HIDDEN_DIR = "hidden_fp"  # the fp stream of GPTQ rules with fp_target
 
 
 def fingerprint(src: Path, reader, parts: dict) -> str:
@@ -59,3 +60,4 @@ def load_state(partial: Path, fp: str) -> dict | None:
 def clear_state(partial: Path) -> None:
     (partial / STATE_FILE).unlink(missing_ok=True)
     shutil.rmtree(partial / HIDDEN_DIR, ignore_errors=True)
+    shutil.rmtree(partial / FP_HIDDEN_DIR, ignore_errors=True)

@@ -8,6 +8,11 @@ the previous linear). The quantized output is then Q(W·diag(s))·diag(1/s)·x.
 We score each α by the exact output error on the calibration inputs, computed from the Hessian
 H = Σ xᵀx alone:  err(s) = Σ_j tr(ΔW_j H_j ΔW_jᵀ),  ΔW_j = Q(W_j diag(s)) diag(1/s) − W_j.
 α = 0 (s = 1, plain quantization) is in the grid, so the chosen scale never scores worse than it.
+
+Weight-aware candidates ("duo" scaling, as llm-compressor's AWQ offers): s = mean|x|^α / mean|ŵ|^(1-α),
+ŵ = |W| / its group's max |W| averaged over output rows per input column, so columns whose weights sit
+far below their group's maximum (and lose most to rounding) are scaled up. Both families are scored by
+the same output error and the best candidate wins.
 """
 
 from __future__ import annotations
@@ -19,9 +24,23 @@ import torch
 ALPHAS = tuple(i / 20 for i in range(20))  # 0.00, 0.05, ..., 0.95
 
 
-def scale_from_alpha(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
+def scale_from_alpha(mean_abs: torch.Tensor, alpha: float, w_mean: torch.Tensor | None = None) -> torch.Tensor:
     s = mean_abs.float().clamp_min(1e-5).pow(alpha)
+    if w_mean is not None:
+        s = (s / (w_mean.float().pow(1 - alpha) + 1e-4)).clamp_min(1e-4)
     return s / (s.max() * s.min()).sqrt()
+
+
+def weight_mean(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tensor:
+    """Mean over every output row (and expert) of |W| / max|W| of its group, per input column: [K]."""
+    total, rows = 0.0, 0
+    for w in weights:
+        k = w.shape[-1]
+        wg = w.float().abs().reshape(-1, k // group_size, group_size)
+        wg = wg / (wg.amax(-1, keepdim=True) + 1e-6)
+        total = total + wg.reshape(-1, k).sum(0)
+        rows += wg.shape[0]
+    return total / rows
 
 
 def group_error(members: Sequence[tuple[torch.Tensor, torch.Tensor]], s: torch.Tensor,
@@ -38,13 +57,18 @@ def group_error(members: Sequence[tuple[torch.Tensor, torch.Tensor]], s: torch.T
 
 def search_scale(members: Sequence[tuple[torch.Tensor, torch.Tensor]], mean_abs: torch.Tensor,
                  quant: Callable[[torch.Tensor], torch.Tensor], alphas: Sequence[float] = ALPHAS,
-                 expand: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, float, list[float]]:
-    """Best s over the α grid: (s [K], α, errors per α). ``expand`` maps s onto the weights' input
-    columns when they are not one to one (v's channels feed several q heads' columns of o)."""
+                 expand: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 w_mean: torch.Tensor | None = None) -> tuple[torch.Tensor, float | str, list[float]]:
+    """Best s over the α grid: (s [K], α, errors per candidate). ``expand`` maps s onto the weights' input
+    columns when they are not one to one (v's channels feed several q heads' columns of o). With
+    ``w_mean`` [K] (``weight_mean``) the weight-aware candidates (α > 0) are scored too; one of them
+    winning is reported as the string ``"duo:α"``."""
     expand = expand or (lambda t: t)
-    errors = [group_error(members, expand(scale_from_alpha(mean_abs, a)), quant) for a in alphas]
-    best = min(range(len(alphas)), key=errors.__getitem__)
-    return scale_from_alpha(mean_abs, alphas[best]), alphas[best], errors
+    cands = [(a, None) for a in alphas] + ([(a, w_mean) for a in alphas if a > 0] if w_mean is not None else [])
+    errors = [group_error(members, expand(scale_from_alpha(mean_abs, a, wm)), quant) for a, wm in cands]
+    best = min(range(len(cands)), key=errors.__getitem__)
+    a, wm = cands[best]
+    return scale_from_alpha(mean_abs, a, wm), a if wm is None else f"duo:{a:.2f}", errors
 
 
 def scale_hessian(H: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

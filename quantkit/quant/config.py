@@ -53,7 +53,12 @@ class Rule:
     group_size: int | None = 128
     symmetric: bool = True
     method: str = "rtn"
-    clip_search: bool = False  # MSE-optimal clipping per group (as HQQ/AWQ search the range)
+    clip_search: bool | None = None  # MSE-optimal clipping per group (as HQQ/AWQ search the range), weighted by
+    # diag(H) where calibration gives one; None: on for the calibrated methods, off for plain RTN (``use_clip``)
+    act_order: bool = True  # GPTQ: visit columns by decreasing diag(H), static groups (no g_idx)
+    fp_target: bool = False  # GPTQ: aim at the fp model's outputs (asymmetric calibration; attention, dense and
+    # shared-expert linears), which costs a second (fp) hidden-state stream during calibration; off: not yet
+    # shown to help end to end (benchmarks/peers.py)
     format: str = "int"  # "int" or "code2" (the 2-bit convolutional code; bits=2, group_size=64; the code
     # has its own per-column affine codebook, so ``symmetric`` and ``clip_search`` do not apply to it)
     state_bits: int = 16  # the trellis code's state size L (format="trellis" only)
@@ -78,6 +83,10 @@ class Rule:
             raise UsageError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
 
     @property
+    def use_clip(self) -> bool:
+        return self.method != "rtn" if self.clip_search is None else self.clip_search
+
+    @property
     def label(self) -> str:
         if self.format == "code2":
             return "w2code"
@@ -94,7 +103,7 @@ class Rule:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Rule":
-        known = {"bits", "group_size", "symmetric", "method", "clip_search", "format", "state_bits"}
+        known = {"bits", "group_size", "symmetric", "method", "clip_search", "act_order", "fp_target", "format", "state_bits"}
         unknown = set(d) - known - {"pattern"}
         if unknown:
             raise UsageError(f"recipe rule has unknown key(s): {', '.join(sorted(unknown))}")

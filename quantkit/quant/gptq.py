@@ -11,6 +11,9 @@ Group scales/zeros are found when the column loop reaches a group's first column
 they are then (already corrected by earlier columns). With ``act_order`` the columns are visited in
 order of decreasing diag(H) but the groups stay the contiguous static ones of the packed format (their
 grids fixed up front from the original weights), so no ``g_idx`` is needed.
+
+With ``clip_search`` each group's grid is the MSE-optimal shrink of its min-max range (``rtn``'s clipping
+search), each column's squared error weighted by diag(H) so the grid fits the inputs that carry energy.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from quantkit.quant.qtensor import QTensor
-from quantkit.quant.rtn import grid_for_range, quantize_to_grid, rtn
+from quantkit.quant.rtn import clip_grid, grid_for_range, quantize_to_grid, rtn
 
 
 def fix_dead_inputs(W: torch.Tensor, H: torch.Tensor) -> None:
@@ -45,8 +48,25 @@ def inverse_cholesky(H: torch.Tensor, damp: float, retries: int = 4) -> torch.Te
     raise RuntimeError(f"GPTQ: Hessian not positive definite even with dampening {damp * 10 ** retries}")
 
 
+def fp_target(w: torch.Tensor, H: torch.Tensor, M: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """The weights to hand GPTQ so that it aims at the fp model's outputs (GPTAQ-style asymmetric calibration).
+
+    With x the fp model's input to this linear and x̃ the quantized model's, Σ‖W x − Q x̃‖² equals
+    Σ‖W* x̃ − Q x̃‖² + const for the least-squares W* = W M H⁻¹ (H = Σ x̃ x̃ᵀ, M = Σ x x̃ᵀ): the cross term
+    vanishes at W*, so plain GPTQ of W* under H minimises the asymmetric objective. Written as the correction
+    W* = W + W (M − H) H⁻¹ with GPTQ's dampening on H only there, so identical streams (M = H) give W itself
+    (a damped W M (H + λI)⁻¹ would shrink W instead). Not on by default: its first end-to-end run on the demo
+    (with the damped product form) broke the model, and this form is not yet measured end to end.
+    w [.., N, K], H and M [.., K, K] -> [.., N, K] fp32."""
+    H, w = H.float(), w.float()
+    lam = damp * torch.diagonal(H, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-8)
+    Hd = H + lam[..., None, None] * torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+    return w + torch.linalg.solve(Hd, (w @ (M.float() - H)).transpose(-2, -1)).transpose(-2, -1)
+
+
 def gptq(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool, *, block_size: int = 128,
-         damp: float = 0.01, act_order: bool = False, scale_dtype: torch.dtype | None = None) -> QTensor:
+         damp: float = 0.01, act_order: bool = False, clip_search: bool = False,
+         scale_dtype: torch.dtype | None = None) -> QTensor:
     """Quantize ``w`` [.., N, K] with Hessian ``H`` [.., K, K] onto the grouped grid; see the module doc."""
     squeeze = w.dim() == 2
     if squeeze:
@@ -64,7 +84,8 @@ def gptq(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric
     scales = torch.empty(E, N, G, dtype=scale_dtype, device=w.device)
     zeros = None if symmetric else torch.empty(E, N, G, dtype=torch.float32, device=w.device)
     if act_order:  # static groups from the original weights, then visit columns by decreasing diag(H)
-        static = rtn(W, bits, group_size, symmetric, scale_dtype=scale_dtype)
+        static = rtn(W, bits, group_size, symmetric, clip_search=clip_search, scale_dtype=scale_dtype,
+                     clip_weight=torch.diagonal(H, dim1=-2, dim2=-1)[:, None, :])
         scales.copy_(static.scales)
         if zeros is not None:
             zeros.copy_(static.zeros.float())
@@ -86,7 +107,13 @@ def gptq(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric
                 g = col // group_size
                 if col % group_size == 0:  # the group's grid from the weights as they are now
                     chunk = torch.cat([W1[:, :, i:i + group_size], W[:, :, i2:col + group_size]], dim=-1)
-                    s, z = grid_for_range(chunk.amin(-1), chunk.amax(-1), bits, symmetric, scale_dtype)
+                    lo, hi = chunk.amin(-1), chunk.amax(-1)
+                    if clip_search:
+                        d = torch.diagonal(H, dim1=-2, dim2=-1)[:, None, col:col + group_size]
+                        s, z = clip_grid(chunk, lo[..., None], hi[..., None], bits, symmetric, scale_dtype, d)
+                        s, z = s[..., 0], None if z is None else z[..., 0]
+                    else:
+                        s, z = grid_for_range(lo, hi, bits, symmetric, scale_dtype)
                     scales[:, :, g] = s
                     if zeros is not None:
                         zeros[:, :, g] = z

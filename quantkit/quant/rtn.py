@@ -46,29 +46,34 @@ def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | 
 
 
 def rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, *, clip_search: bool = False,
-        scale_dtype: torch.dtype | None = None) -> QTensor:
-    """Quantize w [.., N, K] group-wise along K (``group_size`` must divide K)."""
+        scale_dtype: torch.dtype | None = None, clip_weight: torch.Tensor | None = None) -> QTensor:
+    """Quantize w [.., N, K] group-wise along K (``group_size`` must divide K).
+
+    ``clip_weight`` [.., K] (>= 0, e.g. diag of the input Hessian) weights each input column's squared
+    error in the clipping search, so the grid fits the columns that matter for the output."""
     *lead, n, k = w.shape
     scale_dtype = scale_dtype or (w.dtype if w.dtype.is_floating_point else torch.float32)
     wg = w.float().reshape(*lead, n, k // group_size, group_size)
     lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
     scale, zero = grid_for_range(lo, hi, bits, symmetric, scale_dtype)
     if clip_search:
-        scale, zero = _clip_search(wg, lo, hi, bits, symmetric, scale_dtype)
+        cw = None if clip_weight is None else clip_weight.float().reshape(*clip_weight.shape[:-1], k // group_size, group_size)
+        scale, zero = clip_grid(wg, lo, hi, bits, symmetric, scale_dtype, cw)
     q = quantize_to_grid(wg, scale, zero, bits)
     codes = q.reshape(*lead, n, k).to(torch.int8)
     zeros = None if zero is None else zero.squeeze(-1).to(torch.int8)
     return QTensor(codes, scale.squeeze(-1), zeros, bits, group_size)
 
 
-def _clip_search(wg, lo, hi, bits, symmetric, scale_dtype):
-    """Per group, the shrink of [lo, hi] (from CLIP_RATIOS) whose grid gives the least squared error."""
+def clip_grid(wg, lo, hi, bits, symmetric, scale_dtype, weight=None):
+    """Per group, the shrink of [lo, hi] (from CLIP_RATIOS) whose grid gives the least (weighted) squared error."""
     best_err = best_scale = best_zero = None
     for r in CLIP_RATIOS:
         scale, zero = grid_for_range(lo * r, hi * r, bits, symmetric, scale_dtype)
         q = quantize_to_grid(wg, scale, zero, bits)
         deq = (q - (zero if zero is not None else 0)) * scale.float()
-        err = (deq - wg).pow(2).sum(-1, keepdim=True)
+        err = (deq - wg).pow(2)
+        err = (err if weight is None else err * weight).sum(-1, keepdim=True)
         if best_err is None:
             best_err, best_scale, best_zero = err, scale, zero
             continue
