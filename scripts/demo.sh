@@ -15,15 +15,15 @@ CALIB=(--calib sotu:train --calib-samples "${CALIB_SAMPLES:-32}" --calib-seq-len
 mkdir -p "$OUT"
 echo "== the source: $SRC (a real-weights ERNIE-4.5-MoE built from SmolLM2-135M) =="
 $QK eval perplexity "$SRC" "${EVAL[@]}" --json "$OUT/source.json"
-echo "== 4-bit, the recommended recipe: w4g128, AWQ scaling then GPTQ (vLLM loads it) =="
-$QK quantize "$SRC" -o "$OUT/w4g128-awq-gptq" --recipe w4g128 --method awq+gptq "${CALIB[@]}" --server vllm --force
-$QK eval perplexity "$OUT/w4g128-awq-gptq" "${EVAL[@]}" --json "$OUT/w4g128-awq-gptq.json"
+echo "== 4-bit, the recommended recipe: w4g128 with GPTQ (act order, weighted clipping; vLLM loads it) =="
+$QK quantize "$SRC" -o "$OUT/w4g128-gptq" --recipe w4g128 --method gptq "${CALIB[@]}" --server vllm --force
+$QK eval perplexity "$OUT/w4g128-gptq" "${EVAL[@]}" --json "$OUT/w4g128-gptq.json"
 echo "== 2-bit: routed experts in the 2-bit code (CCQ / WINT2), Hessian-aware encoder; the rest w4g128 GPTQ =="
 $QK quantize "$SRC" -o "$OUT/w2code-gptq" --recipe w2code --method gptq "${CALIB[@]}" --force
 $QK eval perplexity "$OUT/w2code-gptq" "${EVAL[@]}" --json "$OUT/w2code-gptq.json"
 echo
-.venv/bin/python scripts/demo_table.py "$OUT" source w4g128-awq-gptq w2code-gptq
-for m in w4g128-awq-gptq w2code-gptq; do
+.venv/bin/python scripts/demo_table.py "$OUT" source w4g128-gptq w2code-gptq
+for m in w4g128-gptq w2code-gptq; do
     echo
     echo "== who loads $OUT/$m (quantkit check) =="
     $QK check "$OUT/$m" || true
