@@ -95,7 +95,8 @@ def _parse_size(text: str) -> int:
 @click.option("--group-size", default="128", show_default=True, help="32, 64, 128 or channel")
 @click.option("--sym/--asym", default=None, help="symmetric (default for 4/8 bits) or asymmetric (default for 2/3 bits)")
 @click.option("--method", type=click.Choice(["rtn", "gptq", "awq", "awq+gptq"]), default="rtn", show_default=True)
-@click.option("--clip-search", is_flag=True, help="MSE-optimal clipping per group for plain RTN too (gptq and awq search by default)")
+@click.option("--clip-search/--no-clip-search", default=None,
+              help="MSE-optimal clipping per group (default: on for gptq/awq, off for rtn; --no-clip-search is faster)")
 @click.option("--calib", "calib_data", default=None, help="calibration DATA (default: sotu:train+peoples-daily:train)")
 @click.option("--calib-samples", default=128, show_default=True, type=int, help="calibration windows")
 @click.option("--calib-seq-len", default=2048, show_default=True, type=int, help="tokens per calibration window")
@@ -133,7 +134,7 @@ def quantize_cmd(src, out, recipe, bits, group_size, sym, method, clip_search, c
         r = simple_recipe(int(bits), gs, sym if sym is not None else int(bits) >= 4)
     else:
         r = get_recipe(recipe or "w4g128")
-    r = r.with_method(method, clip_search or None)
+    r = r.with_method(method, clip_search)
     calib = CalibOptions(data=calib_data or DEFAULT_CALIB, samples=calib_samples, seq_len=calib_seq_len, seed=seed,
                          expert_calibration=expert_calibration, prob_weighted=prob_weighted, min_expert_tokens=min_expert_tokens,
                          memory_budget=_parse_size(calib_memory))
