@@ -21,19 +21,17 @@ from quantkit.format import wint2
 from quantkit.model.safetensors_io import CheckpointReader
 from quantkit.pipeline.quantize import QuantizeOptions, quantize
 from quantkit.quant.config import CODE2, W4, Rule, get_recipe, layer_range_recipe
-from quantkit.sources.random_models import ERNIE_TINY, write_random_checkpoint
+from quantkit.sources.random_models import write_random_checkpoint
+from random_src import WIDE, write_src
 
 # expert K (hidden 128, moe_intermediate 128) a multiple of 128: FastDeploy keeps K // 128 local-scale rows
-DIMS = dict(ERNIE_TINY, hidden_size=128, moe_intermediate_size=128, intermediate_size=256, head_dim=32)
+DIMS = dict(WIDE, moe_intermediate_size=128)
 H, E, I, NQ, NKV, D = 128, 8, 128, 4, 2, 32
 
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
-    path = tmp_path_factory.mktemp("src") / "ernie128"
-    path.mkdir()
-    write_random_checkpoint(path, DIMS, seed=0, dtype="float32", max_shard_bytes=1 << 30)
-    return path
+    return write_src(tmp_path_factory, DIMS)
 
 
 @pytest.fixture(scope="module")

@@ -12,19 +12,17 @@ from quantkit.pipeline.dry_run import dry_run
 from quantkit.pipeline.quantize import QuantizeOptions, quantize
 from quantkit.quant.config import get_recipe
 from quantkit.serving import CheckpointView, check
-from quantkit.sources.random_models import ERNIE_21B_A3B, ERNIE_TINY, write_random_checkpoint
+from quantkit.sources.random_models import ERNIE_21B_A3B
+from random_src import WIDE, write_src
 
-DIMS = dict(ERNIE_TINY, hidden_size=128, moe_intermediate_size=64, intermediate_size=256, head_dim=32)  # K % 64 == 0
+DIMS = WIDE
 QUIET = QuantizeOptions(progress=False)
 CLI = [sys.executable, "-m", "quantkit.cli"]
 
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
-    path = tmp_path_factory.mktemp("src") / "ernie128"
-    path.mkdir()
-    write_random_checkpoint(path, DIMS, seed=0, dtype="bfloat16", max_shard_bytes=1 << 30)
-    return path
+    return write_src(tmp_path_factory, DIMS, dtype="bfloat16")
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,10 @@ from quantkit.nn.trellis import TrellisStack
 from quantkit.pipeline.quantize import CalibOptions, QuantizeOptions, quantize
 from quantkit.quant.config import Recipe, Rule, get_recipe, make_plan
 from quantkit.model.config import ErnieMoeConfig
-from quantkit.sources.random_models import ERNIE_TINY, hf_config, write_random_checkpoint
+from quantkit.sources.random_models import hf_config
+from random_src import WIDE, write_src
 
-DIMS = dict(ERNIE_TINY, hidden_size=128, moe_intermediate_size=64, intermediate_size=256, head_dim=32)
+DIMS = WIDE
 L = 8  # the CPU setting: the tests check plumbing and layout, the benchmark measures quality at L = 16
 
 
@@ -28,10 +29,7 @@ def _recipe(method="rtn") -> Recipe:
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
-    path = tmp_path_factory.mktemp("src") / "ernie128"
-    path.mkdir()
-    write_random_checkpoint(path, DIMS, seed=0, dtype="float32", max_shard_bytes=1 << 30)
-    return path
+    return write_src(tmp_path_factory, DIMS)
 
 
 @pytest.fixture(scope="module")

@@ -13,17 +13,14 @@ from quantkit.model.safetensors_io import CheckpointReader
 from quantkit.nn.code2 import Code2Stack
 from quantkit.pipeline.quantize import CalibOptions, QuantizeOptions, quantize
 from quantkit.quant.config import get_recipe
-from quantkit.sources.random_models import ERNIE_TINY, write_random_checkpoint
+from random_src import WIDE, write_src
 
-DIMS = dict(ERNIE_TINY, hidden_size=128, moe_intermediate_size=64, intermediate_size=256, head_dim=32)  # K % 64 == 0
+DIMS = WIDE
 
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
-    path = tmp_path_factory.mktemp("src") / "ernie64"
-    path.mkdir()
-    write_random_checkpoint(path, DIMS, seed=0, dtype="float32", max_shard_bytes=1 << 30)
-    return path
+    return write_src(tmp_path_factory, DIMS)
 
 
 @pytest.fixture(scope="module")
