@@ -166,8 +166,11 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor, top_k:
     """ERNIE's routing (``layers.route``): one Triton launch when ``backend`` is triton, else the torch ops."""
     if backend == "triton":
         from quantkit.kernels.routing import route as triton_route
+        from quantkit.model.routers import RouterSpec
 
-        return triton_route(x, gate_weight, bias, top_k, norm_min)
+        # bridge until the spec-taking ``route(x, w, bias, spec, backend)`` of the architecture branch lands
+        spec = RouterSpec(top_k=top_k, num_experts=gate_weight.shape[0], has_bias=True, norm_min=norm_min)
+        return triton_route(x, gate_weight, bias, spec)
     from quantkit.model.layers import route as torch_route
 
     return torch_route(x, gate_weight, bias, top_k, norm_min)
