@@ -155,8 +155,14 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor | None,
     if t == 0:
         return ids, weights
     b = bias.reshape(-1).float().contiguous() if spec.has_bias else weights  # unused without a bias
-    bt = 16 if t <= 16 else 32
     be = max(16, triton.next_power_of_2(e))
+    bt = 16 if t <= 16 or be >= 256 else 32
+    # registers: at 4 warps up to 2048 (token, expert) scores x 6 top-k rounds compile without spilling on sm_90
+    # (ERNIE's 32 x 64, top-6); wider routers (OLMoE's top-8, Qwen3's 128, DeepSeek's grouped 256) take 8 warps,
+    # with one pipeline stage for 32-token blocks (ptxas otherwise gives OLMoE's 32 x 64 top-8 an 8-byte stack
+    # frame; 16-token blocks need the default three, Qwen3's 16 x 128 gets one with a single stage). The check:
+    # benchmarks/kernel_compile.py compiles every family's router variant for sm_90 and fails on any spill.
+    warps, stages = (4, 3) if bt * be * k <= 2048 * 6 else (8, 1 if bt == 32 else 3)
     bh = 64 if be <= 64 else 32
     blocks = triton.cdiv(t, bt)
     split = max(1, min(triton.cdiv(hdim, bh), 2 * dispatch.sm_count(x.device) // blocks))
@@ -169,5 +175,5 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor | None,
         spec.routed_scaling_factor, TOP_K=k, KP=triton.next_power_of_2(k), BT=bt, BE=be, BH=bh, SPLIT=split,
         SIGMOID=spec.scoring == "sigmoid", HAS_BIAS=spec.has_bias, NORM=norm_mode(spec), N_GROUP=n_group,
         TOPK_GROUP=topk_group, GS=e // n_group, GP=triton.next_power_of_2(n_group),
-        SCALE=spec.routed_scaling_factor != 1.0, num_warps=4)
+        SCALE=spec.routed_scaling_factor != 1.0, num_warps=warps, num_stages=stages)
     return ids, weights
