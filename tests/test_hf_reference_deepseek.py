@@ -77,3 +77,41 @@ def test_glm_reference_saves_the_hub_layout(variant, tmp_path):
     attn = GQA_BIAS | ({L + "self_attn.q_norm.weight", L + "self_attn.k_norm.weight"} if cfg.use_qk_norm else set())
     assert name_patterns(names) == expected(cfg, attn)
     assert model.config.rope_parameters["partial_rotary_factor"] == 0.5  # GLM's partial rotary, as config.json has it
+
+
+@pytest.mark.parametrize("variant", ["base", "no-q-lora", "rotate-half", "yarn"])
+def test_mla_matches_every_layer_of_a_saved_model(variant, tmp_path):
+    """Inside a whole saved DeepSeek-V3 reference: ``MlaConfig.from_hf`` reads the config.json transformers wrote,
+    each layer's ``self_attn.*`` tensors load into ``MultiHeadLatentAttention`` by name, and it gives that layer's
+    attention output on the input the layer actually saw (fp32, <= 1e-5)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from quantkit.model.mla import (
+        MlaConfig,
+        MlaRotaryEmbedding,
+        MultiHeadLatentAttention,
+    )
+
+    model = make_deepseek_model(variant, seed=3)
+    path = save(model, tmp_path / "m")
+    cfg = MlaConfig.from_hf(json.loads((path / "config.json").read_text()))
+    tensors = load_file(path / "model.safetensors")
+    seen = {}
+    hooks = [layer.self_attn.register_forward_hook(
+        lambda mod, args, kwargs, out, i=i: seen.__setitem__(i, (kwargs["hidden_states"], out[0])), with_kwargs=True)
+        for i, layer in enumerate(model.model.layers)]
+    t = 12
+    ids = torch.randint(0, model.config.vocab_size, (2, t), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(ids)
+        cos, sin = MlaRotaryEmbedding(cfg)(torch.arange(t))
+        for i in range(model.config.num_hidden_layers):
+            mla = MultiHeadLatentAttention(cfg, layer_idx=i).eval()
+            prefix = f"model.layers.{i}.self_attn."
+            mla.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
+            x, want = seen[i]
+            assert (mla(x, cos, sin) - want).abs().max().item() <= 1e-5
+    for h in hooks:
+        h.remove()
