@@ -110,3 +110,22 @@ def test_mla_triton_backend_matches_torch():
         assert dispatch.set_backend(mla, "triton") == 3  # the attention and its two latent norms
         got = mla(x, cos, sin)
     assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_mla_at_deepseek_v3_head_dims_and_rope_far_past_the_original_context():
+    """DeepSeek-V3's head dims (nope 128, rope 64, v 128) and its yarn parameters (factor 40 over 4096 positions),
+    at positions past 4096 where the interpolated frequencies matter; narrow hidden and few heads keep it fast."""
+    v3_yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 4096,
+               "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+    hf_cfg, ref, cfg, mla = make_pair(96, 128, 64, 128, 2, True, v3_yarn, seed=6)
+    positions = torch.arange(5000, 5010)
+    x = torch.randn(1, 10, 48, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        for m in (ref, mla):  # smaller weights: 2 x 128-wide heads at std 0.3 would saturate the softmax
+            for q in m.parameters():
+                if q.dim() > 1:
+                    q.mul_(0.3)
+        want = hf_forward(hf_cfg, ref, x, positions)
+        got = mla(x, *MlaRotaryEmbedding(cfg)(positions))
+    assert mla.scale == pytest.approx(ref.scaling, rel=1e-12)
+    assert (got - want).abs().max().item() <= 1e-5
