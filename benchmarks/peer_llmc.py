@@ -47,20 +47,29 @@ def recipe(method: str, bits: int, group_size: int, sym: bool):
     return [AWQModifier(), quant] if method.startswith("awq") else [quant]
 
 
+QUANT_PARAMS = ("weight_scale", "weight_zero_point", "weight_g_idx", "weight_global_scale")
+
+
 def dequantized(model) -> dict[str, torch.Tensor]:
-    """name.weight -> fake-quantized fp32 weight, for every module llm-compressor attached scales to."""
+    """Every parameter of the model as llm-compressor left it, in fp32: name.weight -> the fake-quantized weight for
+    every module llm-compressor attached scales to, and every other parameter as it is now (AWQ folds its smoothing
+    scales into the norms before it: the original norms with AWQ's weights give another model)."""
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.utils import align_module_device
 
     out = {}
     for name, mod in model.named_modules():
-        if not hasattr(mod, "weight_scale"):
-            continue
-        args = mod.quantization_scheme.weights
-        zp = getattr(mod, "weight_zero_point", None)
-        if getattr(mod, "weight_g_idx", None) is not None:
-            raise RuntimeError(f"{name}: g_idx (group act order) is not supported here; the recipes use static groups")
-        with torch.no_grad():
-            out[f"{name}.weight"] = fake_quantize(mod.weight.float(), mod.weight_scale.float(), zp, args).contiguous()
+        with torch.no_grad(), align_module_device(mod):  # offloaded modules: their parameters onloaded here
+            if hasattr(mod, "weight_scale"):
+                args = mod.quantization_scheme.weights
+                zp = getattr(mod, "weight_zero_point", None)
+                if getattr(mod, "weight_g_idx", None) is not None:
+                    raise RuntimeError(f"{name}: g_idx (group act order) is not supported here; the recipes use static groups")
+                out[f"{name}.weight"] = fake_quantize(mod.weight.float(), mod.weight_scale.float(), zp, args).contiguous()
+            for pname, p in mod.named_parameters(recurse=False):
+                full = f"{name}.{pname}" if name else pname
+                if full not in out and pname not in QUANT_PARAMS and p.is_floating_point():
+                    out[full] = p.detach().float().clone().contiguous()
     return out
 
 
@@ -103,9 +112,9 @@ def main() -> None:
                 num_calibration_samples=ids.shape[0], max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
         row["oneshot_seconds"] = time.perf_counter() - t0
         deq = dequantized(model)  # before saving: save_pretrained compresses the modules in place
-        row["quantized_modules"] = len(deq)
+        row["quantized_modules"] = sum(1 for _, m in model.named_modules() if hasattr(m, "weight_scale"))
         row["unquantized_linears"] = [n for n, m in model.named_modules()
-                                      if isinstance(m, torch.nn.Linear) and f"{n}.weight" not in deq]
+                                      if isinstance(m, torch.nn.Linear) and not hasattr(m, "weight_scale")]
         row["unquantized_params_3d"] = [n for n, p in model.named_parameters() if p.dim() == 3]
         save_file(deq, a.out)
         if a.probe:
