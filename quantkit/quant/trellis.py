@@ -9,8 +9,9 @@
    code's integer units (value(s) in [-510, 510]).
 2. Viterbi (``viterbi`` / ``traceback``), vectorized over a batch of tiles: the cost of every state s after
    weight t, C_t[s] = (x_t - value(s))² + min over the 2^bits predecessors of C_{t-1}; a predecessor of s is
-   (s >> bits) | (p << (L - bits)), so the minimum is over one axis of C viewed [B, 2^bits, 2^(L-bits)]
-   (backpointer p, uint8). Each step costs B·2^L state evaluations whatever ``bits`` is.
+   (s >> bits) | (p << (L - bits)), so the minimum is over one axis of C viewed [B, 2^bits, 2^(L-bits)],
+   taken values-only; the traceback re-finds each step's best predecessor p from the kept C_{t-1} (2^bits
+   candidates per tile and step). Each step costs B·2^L state evaluations whatever ``bits`` is.
 3. Tail-biting (``encode_tiles``, two passes as QTIP / EXL3 do): pass 1 runs the sequence rotated by T/2
    without constraints and reads z = s_0 >> bits off its best path (position 0 is mid-sequence there, where
    the path has settled); pass 2 restricts s_0 >> bits = z and ends in a state with s & (2^(L-bits)-1) = z,
@@ -22,8 +23,8 @@
    GPTQ with 16-column blocks, i.e. LDLQ with a 16×16 block LDL. Within a tile the Viterbi minimizes the
    plain squared error (as QTIP and EXL3 do).
 
-Cost on CPU: 2 passes x 256 steps x 2^L states per tile. torch runs ~2-3·10^8 state evaluations per second
-on one core (``benchmarks/trellis_quality.py`` measures weights/s): L = 16 (the format's default, QTIP's and
+Cost on CPU: 2 passes x 256 steps x 2^L states per tile, one thread (``ENCODE_THREADS``), ``tile_batch(L)``
+tiles per call (``benchmarks/trellis_quality.py`` measures weights/s): L = 16 (the format's default, QTIP's and
 EXL3's) is a GPU setting; a CPU run can ask for a smaller L explicitly (``L=``, recipes' ``state_bits``),
 which costs MSE (measured in the same benchmark) and is recorded in the checkpoint.
 """
