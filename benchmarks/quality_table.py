@@ -10,13 +10,19 @@ once. With --resume, rows already in --json (same settings) are kept and not mea
 --methods rtn,gptq,awq,awq+gptq --expert-calibration routed,all. Issue 5's (the 2-bit code against int2 at equal
 non-expert rules): --recipes w2code,w2g64-experts,benchmarks/recipes/w2code-experts-only.json,
 benchmarks/recipes/w2g64-experts-only.json --methods rtn,gptq. A recipe is a built-in name or a recipe file
-(rows are labelled by the recipe's name).
+(rows are labelled by the recipe's name, and its bit budget if it has one: ``name@2.25bpw``).
+Issue 13's (the trellis code against the 2-bit code and int2, rest bf16 and rest w4g128, and the bit-budget
+mixes; the README's trellis section has the command). Every row records the routed experts' encode time
+(the pipeline's per-module encode seconds) and weights/s; the JSON records the date and the machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import platform
 import shutil
 import tempfile
 import time
@@ -69,9 +75,13 @@ def main() -> None:
             raise SystemExit(f"--resume: {a.json} was measured with other settings")
         rows = old["rows"]
 
+    machine = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__}, "
+                          f"cuda {torch.cuda.is_available()}", "load_average_at_start": os.getloadavg()}
+
     def save():
         if a.json:
-            Path(a.json).write_text(json.dumps({**settings, "threads": torch.get_num_threads(), "rows": rows},
+            Path(a.json).write_text(json.dumps({**settings, "threads": torch.get_num_threads(), **machine, "rows": rows},
                                                indent=2) + "\n")
 
     def evaluate(name, path, bits, size, seconds, **extra):
@@ -81,7 +91,8 @@ def main() -> None:
         model = quantkit.load(path)
         r = perplexity(model, ids, a.seq_len, a.max_windows, model_name=name, data_name=a.data)
         rows.append({"model": name, "perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens,
-                     "bits_per_weight_quantized": bits, "size_bytes": size, "quantize_seconds": seconds, **extra})
+                     "bits_per_weight_quantized": bits, "size_bytes": size, "quantize_seconds": seconds,
+                     "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **extra})
         print(f"{name}: ppl {r.perplexity:.3f}", flush=True)
         save()  # after every row: a long run that dies keeps what it measured
 
@@ -89,7 +100,7 @@ def main() -> None:
     evaluate(f"{a.src} ({dtype} weights)", src, None, src_bytes, None)
     for spec in a.recipes.split(","):
         base_recipe = get_recipe(spec, ErnieMoeConfig.from_dir(src))
-        name = base_recipe.name
+        name = base_recipe.name + ("" if base_recipe.bits_per_weight is None else f"@{base_recipe.bits_per_weight:g}bpw")
         for method in a.methods.split(","):
             for mode in (["-"] if method == "rtn" else a.expert_calibration.split(",")):
                 recipe = base_recipe.with_method(method, a.clip_search or None)
@@ -104,21 +115,55 @@ def main() -> None:
                 rep = quantize(str(src), out, recipe, QuantizeOptions(force=True, progress=False, calib=calib))
                 evaluate(label, out, rep["bits_per_weight_quantized"], rep["size_bytes"], time.perf_counter() - t0,
                          bits_per_weight_overall=rep["bits_per_weight_overall"],
-                         bits_per_weight_parts=rep["bits_per_weight_parts"])
+                         bits_per_weight_parts=rep["bits_per_weight_parts"], **routed_experts(rep))
                 if not a.workdir:
                     shutil.rmtree(out)
 
     base = rows[0]["perplexity"]
+    with_experts = any("routed_expert_bits_per_weight" in r for r in rows)
     print(f"\n{a.src} on {a.data}: seq_len {a.seq_len}, {rows[0]['tokens']} predicted tokens"
           f"{', clip search' if a.clip_search else ''}; calibration (non-RTN rows): {a.calib}, "
           f"{a.calib_samples} x {a.calib_seq_len} tokens\n")
-    print("| model | perplexity | vs source | bits/weight (quantized part) | bits/weight (all) | size |")
-    print("|---|---|---|---|---|---|")
+    extra = " gap to source | bits/weight (routed experts) | routed-expert encode s (weights/s) |" if with_experts else ""
+    print(f"| model | perplexity | vs source |{extra} bits/weight (quantized part) | bits/weight (all) | size |")
+    print("|---|---|---|" + "---|" * (3 if with_experts else 0) + "---|---|---|")
     for r in rows:
         bits, overall = ("-" if r.get(k) is None else f"{r[k]:.3f}"
                          for k in ("bits_per_weight_quantized", "bits_per_weight_overall"))
-        print(f"| {r['model']} | {r['perplexity']:.3f} | {r['perplexity'] / base:.3f}x | {bits} | {overall} "
+        cols = ""
+        if with_experts:
+            eb = r.get("routed_expert_bits_per_weight")
+            enc = (f"{r['routed_expert_encode_seconds']:,.0f} ({r['routed_expert_weights_per_second']:,.0f})"
+                   if r.get("routed_expert_encode_seconds") else "-")
+            cols = f" {r['perplexity'] - base:+.2f} | {'-' if eb is None else f'{eb:.3f}'} | {enc} |"
+        print(f"| {r['model']} | {r['perplexity']:.3f} | {r['perplexity'] / base:.3f}x |{cols} {bits} | {overall} "
               f"| {r['size_bytes'] / 1e6:.1f} MB |")
+    print(f"\n{machine['date']}, {machine['machine']}, {torch.get_num_threads()} thread(s)")
+
+
+def routed_experts(rep: dict) -> dict:
+    """The routed experts' share of a quantize report: bits/weight over their parts, encode seconds (the
+    pipeline's per-module encode time, calibration and error measurement excluded), weights/s, and the bit
+    budget's K mix when there is one."""
+    parts = [v for k, v in rep["bits_per_weight_parts"].items() if k.endswith("(routed experts)")]
+    weights = sum(v["weights"] for v in parts)
+    if not weights:
+        return {}
+    seconds = sum(sec for layer in rep["layers"] for mod, sec in (layer.get("quantize_seconds") or {}).items()
+                  if mod.startswith("mlp.experts."))
+    out = {"routed_expert_bits_per_weight": sum(v["bits_per_weight"] * v["weights"] for v in parts) / weights,
+           "routed_expert_weights": weights}
+    if seconds:
+        out |= {"routed_expert_encode_seconds": seconds, "routed_expert_weights_per_second": weights / seconds}
+    b = rep.get("bit_budget")
+    if b:
+        mix: dict[str, int] = {}
+        for u in b["units"]:
+            mix[str(u["bits"])] = mix.get(str(u["bits"]), 0) + u["weights"]
+        out["bit_budget"] = {"asked": b["bits_per_weight"], "planned": b["planned_bits_per_weight"],
+                             "sensitivity_pass_seconds": b["seconds"], "weights_at_bits": mix,
+                             "units": [{"unit": u["unit"], "bits": u["bits"]} for u in b["units"]]}
+    return out
 
 
 if __name__ == "__main__":

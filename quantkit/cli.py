@@ -5,6 +5,7 @@ User errors (``QuantkitError``) print one line and exit 2 (bad usage/input) or 1
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -92,6 +93,9 @@ def _parse_size(text: str) -> int:
 @click.option("--recipe", default=None, help="built-in recipe (w4g128, w4g128-asym, w3g128, w2g64, w8, w2code, "
               "w2code-w4edges, w2g64-experts, w2trellis) or a .json/.yaml file")
 @click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default=None, help="simple case instead of --recipe")
+@click.option("--bits-per-weight", type=float, default=None,
+              help="bit budget B for the trellis-coded routed experts: K = 2/3/4 per tensor from measured sensitivity, "
+              "every stored byte counted (recipe default: w2trellis; --dry-run shows the K chosen)")
 @click.option("--group-size", default="128", show_default=True, help="32, 64, 128 or channel")
 @click.option("--sym/--asym", default=None, help="symmetric (default for 4/8 bits) or asymmetric (default for 2/3 bits)")
 @click.option("--method", type=click.Choice(["rtn", "gptq", "awq", "awq+gptq"]), default="rtn", show_default=True)
@@ -117,7 +121,7 @@ def _parse_size(text: str) -> int:
 @click.option("--resume", is_flag=True, help="continue an interrupted run with the same inputs (its .OUT.partial directory)")
 @click.option("--dry-run", is_flag=True, help="print the plan and the memory/disk estimates from config.json; quantize nothing")
 @_friendly
-def quantize_cmd(src, out, recipe, bits, group_size, sym, method, clip_search, calib_data, calib_samples, calib_seq_len,
+def quantize_cmd(src, out, recipe, bits, bits_per_weight, group_size, sym, method, clip_search, calib_data, calib_samples, calib_seq_len,
                  expert_calibration, prob_weighted, min_expert_tokens, calib_memory, seed, device, max_shard_size, export, server,
                  tp, force, resume, dry_run):
     """Quantize SRC into a compressed-tensors checkpoint at OUTPUT (streams one layer at a time)."""
@@ -127,14 +131,19 @@ def quantize_cmd(src, out, recipe, bits, group_size, sym, method, clip_search, c
 
     if recipe and bits:
         raise QuantkitError("give either --recipe or --bits/--group-size/--sym, not both", exit_code=2)
+    if bits and bits_per_weight is not None:
+        raise QuantkitError("--bits-per-weight picks the trellis code's bits per tensor; it does not combine with --bits",
+                            exit_code=2)
     if bits:
         gs = None if group_size == "channel" else int(group_size) if group_size.isdigit() else group_size
         if isinstance(gs, str):
             raise QuantkitError(f"bad --group-size {group_size!r}: use 32, 64, 128 or channel", exit_code=2)
         r = simple_recipe(int(bits), gs, sym if sym is not None else int(bits) >= 4)
     else:
-        r = get_recipe(recipe or "w4g128")
+        r = get_recipe(recipe or ("w4g128" if bits_per_weight is None else "w2trellis"))
     r = r.with_method(method, clip_search)
+    if bits_per_weight is not None:
+        r = dataclasses.replace(r, bits_per_weight=bits_per_weight)
     calib = CalibOptions(data=calib_data or DEFAULT_CALIB, samples=calib_samples, seq_len=calib_seq_len, seed=seed,
                          expert_calibration=expert_calibration, prob_weighted=prob_weighted, min_expert_tokens=min_expert_tokens,
                          memory_budget=_parse_size(calib_memory))

@@ -1,4 +1,5 @@
-"""``quantkit quantize --dry-run``: the plan and what the run will need, from config.json alone.
+"""``quantkit quantize --dry-run``: the plan and what the run will need, from config.json alone (with a bit
+budget, ``--bits-per-weight``, also the sensitivity pass that picks K per tensor: weights and calibration).
 
 Estimates (bytes), for the layer-by-layer pipeline:
   peak memory on the compute device = the largest decoder layer in the compute dtype (fp32 when
@@ -33,6 +34,12 @@ def dry_run(src: str, recipe: Recipe, options) -> dict:
 
     path = resolve(src)
     cfg = ErnieMoeConfig.from_dir(path)
+    budget = None
+    if recipe.bits_per_weight is not None:  # the K per tensor needs the weights (and calibration): the sensitivity pass
+        from quantkit.model.loader import Checkpoint
+        from quantkit.pipeline.budget import apply_budget
+
+        recipe, budget = apply_budget(Checkpoint(path), recipe, options)
     with torch.device("meta"):
         skeleton = ErnieMoeForCausalLM(cfg)
     dtype = default_dtype(cfg)
@@ -75,6 +82,7 @@ def dry_run(src: str, recipe: Recipe, options) -> dict:
         "peak_gpu_bytes": None if on_cpu else device_peak,
         "disk_bytes": out_bytes + hidden // 2,
         "servers": {s: [r.line() for r in reasons] for s, reasons in servers.items()}, "tp": options.tp,
+        "bit_budget": budget,
         "breakdown": {"largest_layer": layer_bytes, "quantized_layer": quant_layer, "hidden_states": hidden,
                       "hessians": hessians, "gptq_working_set": gptq_ws},
     }
@@ -93,6 +101,10 @@ def format_dry_run(r: dict, max_rows: int = 12) -> str:
         lines.append(f"    note: {p['module']}: {p['note']}")
     if len(notes) > max_rows:
         lines.append(f"    note: {len(notes) - max_rows} more notes")
+    if r.get("bit_budget"):
+        from quantkit.pipeline.budget import format_budget
+
+        lines += format_budget(r["bit_budget"])
     b = r["breakdown"]
     lines += [f"  output size: {gb(r['output_bytes'])} (source {gb(r['source_bytes'])})",
               f"  disk needed: {gb(r['disk_bytes'])}",

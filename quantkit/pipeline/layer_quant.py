@@ -8,6 +8,7 @@ and measures each module's relative output error on the calibration inputs from 
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ from quantkit.quant.rtn import rtn
 from quantkit.quant.trellis import trellis
 
 EXPERT_CHUNK = 8  # experts per batched GPTQ call (bounds the [chunk, K, K] working set)
+TRELLIS_CHUNK_BYTES = 1 << 30  # the trellis encoder's: its three fp32 [chunk, K, K] (H, rotated H, Cholesky factor)
 
 
 @dataclass
@@ -29,6 +31,7 @@ class LayerResult:
     qtensors: dict[str, QTensor | Code2Tensor | TrellisTensor] = field(default_factory=dict)  # by module name relative to the layer
     errors: dict[str, float | list[float]] = field(default_factory=dict)
     rtn_fallback_experts: list[int] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # encode time per module (without the error measurement)
 
 
 def relative_error(w: torch.Tensor, deq: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -55,9 +58,10 @@ def _quantize(entry: PlanEntry, w: torch.Tensor, H: torch.Tensor | None, scale_d
         parts = [code2(w[i:i + EXPERT_CHUNK], H[i:i + EXPERT_CHUNK] if use_gptq and H is not None else None)
                  for i in range(0, w.shape[0], EXPERT_CHUNK)]
         return _cat(parts)
-    if r.format == "trellis":
-        parts = [trellis(w[i:i + EXPERT_CHUNK], H[i:i + EXPERT_CHUNK] if use_gptq and H is not None else None,
-                         bits=r.bits, L=r.state_bits) for i in range(0, w.shape[0], EXPERT_CHUNK)]
+    if r.format == "trellis":  # more experts per call: LDLQ's strips batch their tiles over experts
+        c = max(EXPERT_CHUNK, TRELLIS_CHUNK_BYTES // (12 * w.shape[-1] ** 2))
+        parts = [trellis(w[i:i + c], H[i:i + c] if use_gptq and H is not None else None,
+                         bits=r.bits, L=r.state_bits) for i in range(0, w.shape[0], c)]
         return _cat(parts)
 
     def one(wc, Hc):
@@ -94,6 +98,7 @@ def quantize_layer(layer, prefix: str, entries: list[PlanEntry], cap: LayerCaptu
         target = w
         if use_gptq and entry.rule.fp_target and st.M is not None and entry.rule.format == "int":
             target = fp_target(w, H, st.M)  # GPTQ then minimises Σ‖W x_fp − Q x̃‖²
+        t0 = time.perf_counter()
         qt = _quantize(entry, target, H, scale_dtype, use_gptq)
         if entry.is_experts and starving and use_gptq and isinstance(qt, (Code2Tensor, TrellisTensor)):  # plain encoder
             fallback = code2(w[starving]) if isinstance(qt, Code2Tensor) else trellis(w[starving], bits=qt.bits, L=qt.L)
@@ -105,6 +110,7 @@ def quantize_layer(layer, prefix: str, entries: list[PlanEntry], cap: LayerCaptu
             qt.codes[starving], qt.scales[starving] = fallback.codes, fallback.scales
             if qt.zeros is not None:
                 qt.zeros[starving] = fallback.zeros
+        res.seconds[rel] = round(time.perf_counter() - t0, 3)
         if cap is not None:  # measure, and leave the quantized weights in the layer for the next one
             errs = []
             for i in range(0, w.shape[0], EXPERT_CHUNK) if entry.is_experts else [None]:

@@ -157,6 +157,17 @@ def check_servers(cfg, plan: Plan, specs: list[TensorSpec], export: str, servers
     return {s: check(view, s, tp) for s in servers}
 
 
+def calibration_hidden(ckpt: Checkpoint, c: CalibOptions, device: str, directory: Path) -> HiddenStore:
+    """The calibration windows' embeddings, batch by batch (the first layer's inputs); spills under ``directory``."""
+    windows = calibration_windows(c.data, Tokenizer(ckpt.path), c.samples, c.seq_len, c.seed)
+    embed = ckpt.read_param("model.embed_tokens.weight", torch.float32).to(device)
+    check_source(["model.embed_tokens.weight"], embed)
+    store = HiddenStore(directory, c.memory_budget, device)
+    for i in range(0, len(windows), c.batch_size):
+        store.append(torch.nn.functional.embedding(windows[i:i + c.batch_size].to(device), embed))
+    return store
+
+
 class QuantizeRun:
     """One quantization run, phase by phase: plan, (calibration inputs), globals, layers, finish."""
 
@@ -170,6 +181,12 @@ class QuantizeRun:
         if self.ckpt.qconfig is not None:
             raise UsageError(f"{src} is already quantized; quantize the original checkpoint")
         self.cfg, self.dtype = self.ckpt.config, default_dtype(self.ckpt.config)
+        self.budget = None
+        if recipe.bits_per_weight is not None:  # K per routed-expert tensor from a sensitivity pass (before any writing)
+            from quantkit.pipeline.budget import apply_budget
+
+            recipe, self.budget = apply_budget(self.ckpt, recipe, options)
+            self.recipe = recipe
         self.fd = options.export == "fastdeploy"  # FastDeploy's layout: quantkit.format.fastdeploy owns it
         self.plan, self.specs = output_plan(self.cfg, recipe, options.export, self.ckpt.skeleton, self.dtype)
         if options.server:
@@ -190,17 +207,10 @@ class QuantizeRun:
 
     # -- phases --------------------------------------------------------------------------------------
     def calibration_inputs(self) -> None:
-        c = self.opt.calib
-        windows = calibration_windows(c.data, Tokenizer(self.path), c.samples, c.seq_len, c.seed)
-        embed = self.ckpt.read_param("model.embed_tokens.weight", torch.float32).to(self.opt.device)
-        check_source(["model.embed_tokens.weight"], embed)
-        self.hidden = HiddenStore(self.partial / resume.HIDDEN_DIR, c.memory_budget, self.opt.device)
+        self.hidden = calibration_hidden(self.ckpt, self.opt.calib, self.opt.device, self.partial / resume.HIDDEN_DIR)
         if self.fp_stream:  # the same windows through the unquantized model (its own budget and folder)
-            self.fp_hidden = HiddenStore(self.partial / resume.FP_HIDDEN_DIR, c.memory_budget, self.opt.device)
-        for i in range(0, len(windows), c.batch_size):
-            h = torch.nn.functional.embedding(windows[i:i + c.batch_size].to(self.opt.device), embed)
-            self.hidden.append(h)
-            if self.fp_stream:
+            self.fp_hidden = HiddenStore(self.partial / resume.FP_HIDDEN_DIR, self.opt.calib.memory_budget, self.opt.device)
+            for h in self.hidden:
                 self.fp_hidden.append(h.clone())
 
     def write_plain(self, name: str, t: torch.Tensor) -> None:
@@ -267,6 +277,7 @@ class QuantizeRun:
                 self.hidden = self.hidden.map(lambda h: self._checked(layer(h, self.cos, self.sin), prefix))
             self.state["layers"].append({
                 "layer": idx, "moe": bool(layer.is_moe), "seconds": round(time.perf_counter() - t0, 2), "errors": res.errors, "awq_alpha": awq_alphas, "rtn_fallback_experts": res.rtn_fallback_experts,
+                "quantize_seconds": res.seconds,
                 "expert_tokens": None if cap.expert_tokens is None else cap.expert_tokens.tolist()})
 
     @staticmethod
@@ -316,6 +327,7 @@ class QuantizeRun:
             "calibration": None if not self.calibrated else {**self.opt.calib.__dict__,
                                                              "tokens": self.opt.calib.samples * self.opt.calib.seq_len},
             "layers": st["layers"],
+            "bit_budget": self.budget,
         }
         w.write_json(REPORT_FILE, report)
         w.commit()

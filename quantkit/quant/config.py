@@ -20,7 +20,10 @@ layer ranges.
 ``format="trellis"`` is the trellis code of ``quantkit.format.trellis`` (QTIP / EXL3 class), routed experts
 only, ``bits`` 2/3/4 per weight, ``state_bits`` L (16 by default; a smaller L is an explicit CPU option: a
 faster encoder, a higher error); its ``method`` is rtn (plain Viterbi) or gptq (LDLQ with the Hessians).
-Built-in: ``w2trellis`` (routed experts at 2 bits, the rest w4g128).
+Built-in: ``w2trellis`` (routed experts at 2 bits, the rest w4g128). A recipe's ``bits_per_weight`` (a bit
+budget, CLI ``--bits-per-weight``) lets ``quantkit.pipeline.budget`` pick the trellis bits per routed-expert
+tensor from measured sensitivity; it resolves the budget into per-tensor rules before ``make_plan``, which
+refuses an unresolved budget.
 
 Group-size fallback: a group must divide the input dim K for the formats servers read. Where the
 requested group does not, the largest power of two below it that divides K (and is at least 8) is used,
@@ -125,8 +128,12 @@ class Recipe:
     rules: tuple[tuple[str, Rule], ...]
     ignore: tuple[str, ...] = ()
     version: int = CONFIG_VERSION
+    bits_per_weight: float | None = None  # bit budget of the trellis-coded routed experts (quantkit.pipeline.budget)
 
     def __post_init__(self):
+        b = self.bits_per_weight
+        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b <= 0):
+            raise UsageError(f"recipe {self.name!r}: bits_per_weight must be a positive number, got {b!r}")
         for pat in (*[p for p, _ in self.rules], *self.ignore):
             try:
                 re.compile(pat)
@@ -147,7 +154,8 @@ class Recipe:
         return replace(self, rules=tuple((p, upd(r)) for p, r in self.rules))
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "version": self.version, "ignore": list(self.ignore),
+        budget = {} if self.bits_per_weight is None else {"bits_per_weight": self.bits_per_weight}
+        return {"name": self.name, "version": self.version, "ignore": list(self.ignore), **budget,
                 "rules": [{"pattern": p, **r.to_dict()} for p, r in self.rules]}
 
     @classmethod
@@ -161,7 +169,8 @@ class Recipe:
             if not isinstance(r, dict) or "pattern" not in r:
                 raise UsageError("each recipe rule needs a 'pattern'")
             rules.append((r["pattern"], Rule.from_dict(r)))
-        return cls(name=str(d.get("name", "custom")), rules=tuple(rules), ignore=tuple(d.get("ignore", ())))
+        return cls(name=str(d.get("name", "custom")), rules=tuple(rules), ignore=tuple(d.get("ignore", ())),
+                   bits_per_weight=d.get("bits_per_weight"))
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Recipe":
@@ -325,6 +334,9 @@ def _joint_k(cfg: ErnieMoeConfig, recipe: Recipe, name: str, rule: Rule, shape: 
 
 def make_plan(cfg: ErnieMoeConfig, recipe: Recipe) -> Plan:
     """Resolve the recipe against the model; validate that fused groups (q/k/v, gate/up) share one rule."""
+    if recipe.bits_per_weight is not None:
+        raise UsageError(f"recipe {recipe.name!r} has a bit budget (bits_per_weight {recipe.bits_per_weight}), which "
+                         "quantkit.pipeline.budget.apply_budget resolves against the model's weights before planning")
     recipe = resolve_recipe(recipe, cfg)
     entries, unquantized = [], []
     for name, shape in candidate_modules(cfg):

@@ -9,8 +9,9 @@
    code's integer units (value(s) in [-510, 510]).
 2. Viterbi (``viterbi`` / ``traceback``), vectorized over a batch of tiles: the cost of every state s after
    weight t, C_t[s] = (x_t - value(s))² + min over the 2^bits predecessors of C_{t-1}; a predecessor of s is
-   (s >> bits) | (p << (L - bits)), so the minimum is over one axis of C viewed [B, 2^bits, 2^(L-bits)]
-   (backpointer p, uint8). Each step costs B·2^L state evaluations whatever ``bits`` is.
+   (s >> bits) | (p << (L - bits)), so the minimum is over one axis of C viewed [B, 2^bits, 2^(L-bits)],
+   taken values-only; the traceback re-finds each step's best predecessor p from the kept C_{t-1} (2^bits
+   candidates per tile and step). Each step costs B·2^L state evaluations whatever ``bits`` is.
 3. Tail-biting (``encode_tiles``, two passes as QTIP / EXL3 do): pass 1 runs the sequence rotated by T/2
    without constraints and reads z = s_0 >> bits off its best path (position 0 is mid-sequence there, where
    the path has settled); pass 2 restricts s_0 >> bits = z and ends in a state with s & (2^(L-bits)-1) = z,
@@ -22,8 +23,8 @@
    GPTQ with 16-column blocks, i.e. LDLQ with a 16×16 block LDL. Within a tile the Viterbi minimizes the
    plain squared error (as QTIP and EXL3 do).
 
-Cost on CPU: 2 passes x 256 steps x 2^L states per tile. torch runs ~2-3·10^8 state evaluations per second
-on one core (``benchmarks/trellis_quality.py`` measures weights/s): L = 16 (the format's default, QTIP's and
+Cost on CPU: 2 passes x 256 steps x 2^L states per tile, one thread (``ENCODE_THREADS``), ``tile_batch(L)``
+tiles per call (``benchmarks/trellis_quality.py`` measures weights/s): L = 16 (the format's default, QTIP's and
 EXL3's) is a GPU setting; a CPU run can ask for a smaller L explicitly (``L=``, recipes' ``state_bits``),
 which costs MSE (measured in the same benchmark) and is recorded in the checkpoint.
 """
@@ -31,6 +32,7 @@ which costs MSE (measured in the same benchmark) and is recorded in the checkpoi
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 
@@ -38,43 +40,69 @@ from quantkit.format import trellis as fmt
 from quantkit.quant.gptq import fix_dead_inputs, inverse_cholesky
 from quantkit.quant.qtensor import TrellisTensor
 
-# tiles per Viterbi call: bounds the backpointers (256 x batch x 2^(L-bits) bytes: 268 MB at L = 16, bits = 2)
-TILE_BATCH = 64
+# tiles per Viterbi call: bounds the cost history the traceback reads (256 steps x batch x 2^L fp32), 256 MB:
+# 1024 tiles at L = 8, 64 at L = 12, 4 at L = 16
+HISTORY_BYTES = 256 << 20
+# CPU threads for the Viterbi: its per-step ops are small ([batch, 2^L]); with two threads on the shared
+# two-core machine (load ~5) L = 8 ran at 2,000 weights/s against 105,000 with one (benchmarks/trellis_quality.py)
+ENCODE_THREADS = 1
 SEED = 0
+
+
+def tile_batch(L: int) -> int:
+    return max(1, HISTORY_BYTES // (fmt.T * 4 << L))
+
+
+@contextmanager
+def _threads(device: torch.device):
+    if device.type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(ENCODE_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 # -- Viterbi over a batch of tiles ----------------------------------------------------------------------
 
 def viterbi(x: torch.Tensor, table: torch.Tensor, bits: int, start: torch.Tensor | None = None):
-    """Forward pass. x [B, T] targets (the table's units), table fp32 [2^L] = value(s); ``start`` int [B]:
-    allow only s_0 with s_0 >> bits == start. Returns (final cost [B, 2^L], backpointers uint8 [T, B, 2^(L-bits)])."""
+    """Forward pass. x [B, T] targets (the table's units), table [2^L] = value(s); ``start`` int [B]: allow
+    only s_0 with s_0 >> bits == start. Returns (final cost [B, 2^L], the costs after every step: T tensors
+    [B, 2^L], which ``traceback`` reads the best predecessors from; the minimum is taken values-only, which
+    torch does about 10x faster than a minimum with indices on this strided view)."""
     B, T = x.shape
     S = table.numel()
     nk, J = 1 << bits, S >> bits
     f2 = table * table
-    bp = torch.empty(T, B, J, dtype=torch.uint8, device=x.device)  # bp[0] unused
     C = torch.addcmul(f2[None], x[:, :1], table[None], value=-2)  # (x - f)² - x², per state
     if start is not None:
         ok = (torch.arange(S, device=x.device)[None] >> bits) == start[:, None]
         C = C.masked_fill(~ok, float("inf"))
+    history = [C]
     for t in range(1, T):
-        M, arg = C.view(B, nk, J).min(1)  # best predecessor of every key j = s >> bits
-        bp[t] = arg
+        M = C.view(B, nk, J).amin(1)  # best predecessor cost of every key j = s >> bits
         C = torch.addcmul(f2[None], x[:, t:t + 1], table[None], value=-2).view(B, J, nk).add_(M[:, :, None]).view(B, S)
-    return C, bp
+        history.append(C)
+    return C, history
 
 
-def traceback(bp: torch.Tensor, end: torch.Tensor, bits: int, L: int) -> torch.Tensor:
-    """States int64 [B, T] of the best path ending in state ``end`` [B]."""
-    T, B, _ = bp.shape
-    out = torch.empty(B, T, dtype=torch.int64, device=bp.device)
+def traceback(history: list[torch.Tensor], end: torch.Tensor, bits: int, L: int) -> torch.Tensor:
+    """States int64 [B, T] of the best path ending in state ``end`` [B]: at each step the predecessor
+    (s >> bits) | (p << (L - bits)) with the lowest cost in the step before."""
+    T, B = len(history), end.shape[0]
+    device = end.device
+    out = torch.empty(B, T, dtype=torch.int64, device=device)
     s = end.to(torch.int64)
-    rows = torch.arange(B, device=bp.device)
+    rows = torch.arange(B, device=device)[:, None]
+    high = (torch.arange(1 << bits, device=device) << (L - bits))[None]
     for t in range(T - 1, -1, -1):
         out[:, t] = s
         if t:
-            j = s >> bits
-            s = j | (bp[t][rows, j].to(torch.int64) << (L - bits))
+            cand = (s >> bits)[:, None] | high  # [B, 2^bits]
+            s = cand.gather(1, history[t - 1][rows, cand].argmin(1, keepdim=True))[:, 0]
     return out
 
 
@@ -85,16 +113,19 @@ def encode_tiles(x: torch.Tensor, bits: int, L: int, table: torch.Tensor | None 
     table = fmt.value_table(L, x.device) if table is None else table
     T = x.shape[1]
     half = T // 2
-    C, bp = viterbi(torch.roll(x, -half, dims=1), table, bits)  # position 0 sits at half
-    s = traceback(bp, C.argmin(1), bits, L)
-    z = s[:, half] >> bits
-    C, bp = viterbi(x, table, bits, start=z)
-    low = torch.arange(table.numel(), device=x.device)[None] & ((1 << (L - bits)) - 1)
-    C = C.masked_fill(low != z[:, None], float("inf"))
-    return traceback(bp, C.argmin(1), bits, L)
+    with _threads(x.device):
+        C, hist = viterbi(torch.roll(x, -half, dims=1), table, bits)  # position 0 sits at half
+        s = traceback(hist, C.argmin(1), bits, L)
+        z = s[:, half] >> bits
+        del hist
+        C, hist = viterbi(x, table, bits, start=z)
+        low = torch.arange(table.numel(), device=x.device)[None] & ((1 << (L - bits)) - 1)
+        C = C.masked_fill(low != z[:, None], float("inf"))
+        return traceback(hist, C.argmin(1), bits, L)
 
 
-def _encode_batched(x: torch.Tensor, bits: int, L: int, batch: int) -> torch.Tensor:
+def _encode_batched(x: torch.Tensor, bits: int, L: int, batch: int | None = None) -> torch.Tensor:
+    batch = batch or tile_batch(L)
     return torch.cat([encode_tiles(x[i:i + batch], bits, L) for i in range(0, x.shape[0], batch)])
 
 
@@ -123,7 +154,7 @@ def incoherence(W: torch.Tensor, seed: int = SEED) -> tuple[torch.Tensor, torch.
 
 
 def trellis(w: torch.Tensor, H: torch.Tensor | None = None, *, bits: int = 2, L: int = fmt.L_DEFAULT,
-            damp: float = 0.01, seed: int = SEED, batch: int = TILE_BATCH) -> TrellisTensor:
+            damp: float = 0.01, seed: int = SEED, batch: int | None = None) -> TrellisTensor:
     """Encode ``w`` [.., N, K] (``H`` [.., K, K] makes it Hessian-aware, LDLQ); the module doc has the steps."""
     fmt.check_params(bits, L)
     *lead, n, k = w.shape
