@@ -6,8 +6,9 @@ for all routed experts of a layer at once (3-D, ``[E, N, K]``). A rule's pattern
 searched in that name (``re.search``); the first matching rule wins; a module that matches no rule or
 matches an ``ignore`` pattern stays unquantized.
 
+Names are canonical for every family (``quantkit.model.arch`` maps them to each family's Hub names on write).
 Never quantized, whatever the recipe says (they are not candidates at all): the router ``mlp.gate``,
-``moe_statics``, embeddings, norms and the (tied) ``lm_head``.
+``moe_statics``, Qwen2-MoE's ``mlp.shared_expert_gate``, embeddings, norms and the (tied) ``lm_head``.
 
 Two formats: ``format="int"`` (grouped integer grids, compressed-tensors) and ``format="code2"`` (the 2-bit
 convolutional code of ``quantkit.format.wint2``, bits=2 and 64-input groups by construction, for routed
@@ -36,7 +37,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from quantkit.errors import UsageError
-from quantkit.model.config import ErnieMoeConfig
+from quantkit.model.config import MoeConfig
 
 CONFIG_VERSION = 2  # 2: rules gained ``format``
 BITS = (2, 3, 4, 8)
@@ -202,7 +203,7 @@ def layer_range_recipe(name: str, ranges: list[tuple[int, int, Rule]], rest: Rul
     return Recipe(name=name, rules=(*rules, (".*", rest)))
 
 
-def _edges_recipe(cfg: ErnieMoeConfig) -> Recipe:
+def _edges_recipe(cfg: MoeConfig) -> Recipe:
     """``w2code-w4edges`` for a model: experts of the first and last MoE layers at w4g128, the others in the code."""
     moe = cfg.moe_layers
     ranges = [(moe[0], moe[0], W4), (moe[-1], moe[-1], W4)] if len(moe) > 1 else []
@@ -222,7 +223,7 @@ BUILTIN_RECIPES = {
 MODEL_RECIPES = {"w2code-w4edges": _edges_recipe}  # built per model (they name layer ranges)
 
 
-def get_recipe(name_or_path: str, cfg: ErnieMoeConfig | None = None) -> Recipe:
+def get_recipe(name_or_path: str, cfg: MoeConfig | None = None) -> Recipe:
     """A built-in recipe or a recipe file. Model-dependent built-ins (``w2code-w4edges``) need ``cfg``;
     without it they are returned as a placeholder that ``resolve_recipe`` fills in at plan time."""
     if name_or_path in BUILTIN_RECIPES:
@@ -238,7 +239,7 @@ def get_recipe(name_or_path: str, cfg: ErnieMoeConfig | None = None) -> Recipe:
                      "or a .json/.yaml file")
 
 
-def resolve_recipe(recipe: Recipe, cfg: ErnieMoeConfig) -> Recipe:
+def resolve_recipe(recipe: Recipe, cfg: MoeConfig) -> Recipe:
     """Fill a model-dependent built-in (the placeholder ``get_recipe`` returns without a model) for ``cfg``,
     keeping the method and clipping the user chose; any other recipe is returned as is."""
     def shape(r: Recipe):
@@ -291,7 +292,7 @@ def effective_group(group: int | None, k: int) -> tuple[int, str]:
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def candidate_modules(cfg: ErnieMoeConfig) -> list[tuple[str, tuple[int, ...]]]:
+def candidate_modules(cfg: MoeConfig) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every weight that may be quantized, in checkpoint order."""
     H, D = cfg.hidden_size, cfg.head_dim
     out = []
@@ -304,15 +305,15 @@ def candidate_modules(cfg: ErnieMoeConfig) -> list[tuple[str, tuple[int, ...]]]:
             out += [(f"{p}.mlp.gate_proj", (I, H)), (f"{p}.mlp.up_proj", (I, H)), (f"{p}.mlp.down_proj", (H, I))]
             continue
         E, I = cfg.moe_num_experts, cfg.moe_intermediate_size
-        if cfg.moe_num_shared_experts:
-            S = I * cfg.moe_num_shared_experts
+        if cfg.shared_width:
+            S = cfg.shared_width
             out += [(f"{p}.mlp.shared_experts.gate_proj", (S, H)), (f"{p}.mlp.shared_experts.up_proj", (S, H)),
                     (f"{p}.mlp.shared_experts.down_proj", (H, S))]
         out += [(f"{p}.mlp.experts.gate_proj", (E, I, H)), (f"{p}.mlp.experts.up_proj", (E, I, H)), (f"{p}.mlp.experts.down_proj", (E, H, I))]
     return out
 
 
-def _joint_k(cfg: ErnieMoeConfig, recipe: Recipe, name: str, rule: Rule, shape: tuple[int, ...]) -> int:
+def _joint_k(cfg: MoeConfig, recipe: Recipe, name: str, rule: Rule, shape: tuple[int, ...]) -> int:
     """The K a group must divide: the module's own, or for routed experts the gcd of the layer's expert Ks
     (H for gate/up, I for down) when the three share a rule, so that the fallback gives all of them one
     group (vLLM: "All MoE projections need to have same quantization scheme")."""
@@ -323,7 +324,7 @@ def _joint_k(cfg: ErnieMoeConfig, recipe: Recipe, name: str, rule: Rule, shape: 
     return math.gcd(cfg.hidden_size, cfg.moe_intermediate_size) if same else shape[-1]
 
 
-def make_plan(cfg: ErnieMoeConfig, recipe: Recipe) -> Plan:
+def make_plan(cfg: MoeConfig, recipe: Recipe) -> Plan:
     """Resolve the recipe against the model; validate that fused groups (q/k/v, gate/up) share one rule."""
     recipe = resolve_recipe(recipe, cfg)
     entries, unquantized = [], []
