@@ -66,3 +66,17 @@ def test_mixtral_through_the_cli(tmp_path):
             "--json", str(tmp_path / "ppl.json"))
     assert r.returncode == 0, r.stderr
     assert math.isfinite(json.loads((tmp_path / "ppl.json").read_text())["perplexity"])
+
+
+@pytest.mark.parametrize("source", ["qwen3-moe-tiny", "glm4-moe-tiny"])
+def test_triton_backend_matches_torch(source):
+    """The Triton backend (interpreter off-GPU) on families whose routing / RoPE variants still take the torch path
+    in this branch (dispatch.route / dispatch.rope fall back) and whose q/k norms use the RMSNorm kernel."""
+    src = f"random:{source}"
+    ids = torch.randint(0, 320, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = quantkit.load(src, backend="torch")(ids)
+        model = quantkit.load(src, backend="triton")
+        assert model.model.layers[1].self_attn.q_norm.backend == "triton"
+        got = model(ids)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5)
