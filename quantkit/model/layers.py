@@ -111,6 +111,12 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim if per else self.n_heads * self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim if per else self.n_kv * self.head_dim, cfg.rms_norm_eps)
 
+    @staticmethod
+    def linears(cfg: MoeConfig) -> list[tuple[str, tuple[int, int]]]:
+        """(name, [N, K]) of the quantizable linears, in checkpoint order (every attention layer class has this)."""
+        H, D, nq, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        return [("q_proj", (nq * D, H)), ("k_proj", (nkv * D, H)), ("v_proj", (nkv * D, H)), ("o_proj", (H, nq * D))]
+
     def forward(self, x, cos, sin, cache: KVCache | None = None) -> torch.Tensor:
         """x [B, T, H], cos/sin [T, rotary dims] -> [B, T, H]; with ``cache``, keys/values are appended to it."""
         B, T, _ = x.shape

@@ -289,17 +289,17 @@ def effective_group(group: int | None, k: int) -> tuple[int, str]:
     raise UsageError(f"no power-of-two group size <= {group} divides K={k}")
 
 
-FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
 def candidate_modules(cfg: MoeConfig) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every weight that may be quantized, in checkpoint order."""
-    H, D = cfg.hidden_size, cfg.head_dim
+    """(name, shape) of every weight that may be quantized, in checkpoint order. The attention's linears come from
+    the family's attention layer (``causal_lm.ATTENTION_LAYERS[spec.attention].linears``)."""
+    from quantkit.model.causal_lm import ATTENTION_LAYERS
+
+    H = cfg.hidden_size
+    attention = ATTENTION_LAYERS[cfg.spec.attention].linears(cfg)
     out = []
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}"
-        out += [(f"{p}.self_attn.q_proj", (cfg.num_attention_heads * D, H)), (f"{p}.self_attn.k_proj", (cfg.num_key_value_heads * D, H)),
-                (f"{p}.self_attn.v_proj", (cfg.num_key_value_heads * D, H)), (f"{p}.self_attn.o_proj", (H, cfg.num_attention_heads * D))]
+        out += [(f"{p}.self_attn.{name}", shape) for name, shape in attention]
         if not cfg.is_moe_layer(i):
             I = cfg.intermediate_size
             out += [(f"{p}.mlp.gate_proj", (I, H)), (f"{p}.mlp.up_proj", (I, H)), (f"{p}.mlp.down_proj", (H, I))]
@@ -325,7 +325,8 @@ def _joint_k(cfg: MoeConfig, recipe: Recipe, name: str, rule: Rule, shape: tuple
 
 
 def make_plan(cfg: MoeConfig, recipe: Recipe) -> Plan:
-    """Resolve the recipe against the model; validate that fused groups (q/k/v, gate/up) share one rule."""
+    """Resolve the recipe against the model; validate that fused groups (``ArchSpec.fused``: q/k/v, gate/up) share
+    one rule."""
     recipe = resolve_recipe(recipe, cfg)
     entries, unquantized = [], []
     for name, shape in candidate_modules(cfg):
@@ -360,7 +361,7 @@ def make_plan(cfg: MoeConfig, recipe: Recipe) -> Plan:
     by_name = {e.module: e for e in entries}
     for name, _ in candidate_modules(cfg):
         stem, _, leaf = name.rpartition(".")
-        for group in FUSED:
+        for group in cfg.spec.fused:
             if leaf != group[0]:
                 continue
             members = [f"{stem}.{m}" for m in group]

@@ -47,6 +47,8 @@ class ArchSpec:
     # besides the router and the LM head (e.g. Qwen2-MoE's ``mlp.shared_expert_gate``)
     ignored_tensors: str = r"(^|\.)mtp|rotary_emb\.inv_freq$"  # Hub tensors some releases carry and nobody reads
     extra_layers_ignored: bool = False                # tensors of layers >= num_hidden_layers (GLM's MTP layer) are ignored
+    fused: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+    # canonical linear names (last component) that vLLM loads fused, so they must share one rule
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
