@@ -129,8 +129,11 @@ class MoeConfig:
             if d.get(key, only) != only:
                 raise UsageError(f"config.json ({spec.name}): {key}={d[key]!r} is not supported (only {only!r})")
         rope = d.get("rope_parameters") or {}
-        if rope.get("rope_type", "default") != "default":
-            raise UsageError(f"config: rope_type {rope['rope_type']!r} is not supported (only 'default')")
+        legacy = d.get("rope_scaling") or {}  # Hub configs written before transformers 5
+        for r in (rope, legacy):
+            kind = r.get("rope_type", r.get("type", "default"))
+            if kind != "default":
+                raise UsageError(f"config: rope_type {kind!r} is not supported (only 'default')")
         keys, defaults = dict(spec.config_keys), dict(spec.defaults)
         try:
             hidden, heads = int(d["hidden_size"]), int(d["num_attention_heads"])
@@ -142,9 +145,7 @@ class MoeConfig:
             for f in fields(cls):
                 if f.name in ("arch", "raw"):
                     continue
-                v = _get(d, keys.get(f.name, f.name))
-                if v is None and f.name in derived and f.name not in keys:
-                    v = derived[f.name]
+                v = derived[f.name] if f.name in derived and f.name not in keys else _get(d, keys.get(f.name, f.name))
                 if v is None:
                     v = defaults.get(f.name)
                 if v is not None or f.name.endswith("_token_id"):
