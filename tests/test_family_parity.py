@@ -4,28 +4,28 @@ greedy generations with the KV cache."""
 
 import pytest
 import torch
-
-import quantkit
 from hf_families import make_family_model
 
+import quantkit
+
 CASES = {
-    "qwen3_moe": [dict(),
-                  dict(num_experts=6, num_experts_per_tok=3, norm_topk_prob=False, mlp_only_layers=[0], tie_word_embeddings=True),
-                  dict(num_experts=5, num_experts_per_tok=1, decoder_sparse_step=2, attention_bias=True)],
-    "qwen2_moe": [dict(),
-                  dict(num_experts=6, num_experts_per_tok=3, norm_topk_prob=True, mlp_only_layers=[1], qkv_bias=False),
-                  dict(decoder_sparse_step=2, tie_word_embeddings=True, num_key_value_heads=4)],
-    "mixtral": [dict(),
-                dict(num_local_experts=6, num_experts_per_tok=3, tie_word_embeddings=True),
-                dict(num_local_experts=3, num_experts_per_tok=1, num_key_value_heads=1, head_dim=16)],
-    "olmoe": [dict(),
-              dict(num_experts=6, num_experts_per_tok=3, norm_topk_prob=True, attention_bias=True),
-              dict(num_experts_per_tok=1, tie_word_embeddings=True, num_key_value_heads=4)],
-    "glm4_moe": [dict(),
-                 dict(use_qk_norm=True, n_group=4, topk_group=2, num_experts_per_tok=3, first_k_dense_replace=0,
-                      attention_bias=False),
-                 dict(n_shared_experts=2, n_group=1, topk_group=1, norm_topk_prob=False, first_k_dense_replace=2,
-                      partial_rotary_factor=1.0, tie_word_embeddings=True, routed_scaling_factor=1.0)],
+    "qwen3_moe": [{},
+                  {"num_experts": 6, "num_experts_per_tok": 3, "norm_topk_prob": False, "mlp_only_layers": [0], "tie_word_embeddings": True},
+                  {"num_experts": 5, "num_experts_per_tok": 1, "decoder_sparse_step": 2, "attention_bias": True}],
+    "qwen2_moe": [{},
+                  {"num_experts": 6, "num_experts_per_tok": 3, "norm_topk_prob": True, "mlp_only_layers": [1], "qkv_bias": False},
+                  {"decoder_sparse_step": 2, "tie_word_embeddings": True, "num_key_value_heads": 4}],
+    "mixtral": [{},
+                {"num_local_experts": 6, "num_experts_per_tok": 3, "tie_word_embeddings": True},
+                {"num_local_experts": 3, "num_experts_per_tok": 1, "num_key_value_heads": 1, "head_dim": 16}],
+    "olmoe": [{},
+              {"num_experts": 6, "num_experts_per_tok": 3, "norm_topk_prob": True, "attention_bias": True},
+              {"num_experts_per_tok": 1, "tie_word_embeddings": True, "num_key_value_heads": 4}],
+    "glm4_moe": [{},
+                 {"use_qk_norm": True, "n_group": 4, "topk_group": 2, "num_experts_per_tok": 3, "first_k_dense_replace": 0,
+                  "attention_bias": False},
+                 {"n_shared_experts": 2, "n_group": 1, "topk_group": 1, "norm_topk_prob": False, "first_k_dense_replace": 2,
+                  "partial_rotary_factor": 1.0, "tie_word_embeddings": True, "routed_scaling_factor": 1.0}],
 }
 PARAMS = [(f, i, cfg) for f, cases in CASES.items() for i, cfg in enumerate(cases)]
 

@@ -118,7 +118,7 @@ class MoeConfig:
 
     # -- (de)serialisation -------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MoeConfig":
+    def from_dict(cls, d: dict[str, Any]) -> MoeConfig:
         from quantkit.model.arch import spec_for_config
 
         spec = spec_for_config(d)
@@ -158,7 +158,7 @@ class MoeConfig:
             raise UsageError(f"config.json has an invalid value: {e}") from None
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "MoeConfig":
+    def from_dir(cls, path: str | Path) -> MoeConfig:
         path = Path(path)
         cfg_path = path / "config.json"
         if not cfg_path.is_file():

@@ -19,28 +19,32 @@ from quantkit.model.arch import get_spec
 from quantkit.model.config import MoeConfig
 
 RANDOM_FAMILIES_VERSION = 1
-_COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
-               rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, hidden_act="silu",
-               bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_COMMON = {
+    "vocab_size": 320, "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 3, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}, "hidden_act": "silu",
+    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+}
 # source name -> (ArchSpec name, the family's config.json keys beyond _COMMON)
 TINY = {
-    "qwen3-moe-tiny": ("qwen3_moe", dict(head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-                                         norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[0],
-                                         attention_bias=False, use_sliding_window=False)),
-    "qwen2-moe-tiny": ("qwen2_moe", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-                                         shared_expert_intermediate_size=64, norm_topk_prob=False, qkv_bias=True,
-                                         decoder_sparse_step=1, mlp_only_layers=[0], use_sliding_window=False)),
-    "mixtral-tiny": ("mixtral", dict(head_dim=16, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
-                                     sliding_window=None, rms_norm_eps=1e-5)),
-    "olmoe-tiny": ("olmoe", dict(intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
-                                 attention_bias=False, clip_qkv=None, rms_norm_eps=1e-5)),
-    "glm4-moe-tiny": ("glm4_moe", dict(head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
-                                       moe_intermediate_size=32, first_k_dense_replace=1, n_group=2, topk_group=1,
-                                       routed_scaling_factor=2.5, norm_topk_prob=True, attention_bias=True,
-                                       use_qk_norm=True, num_nextn_predict_layers=0, rms_norm_eps=1e-5,
-                                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                                                        "partial_rotary_factor": 0.5})),
+    "qwen3-moe-tiny": ("qwen3_moe", {
+        "head_dim": 16, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True,
+        "decoder_sparse_step": 1, "mlp_only_layers": [0], "attention_bias": False, "use_sliding_window": False}),
+    "qwen2-moe-tiny": ("qwen2_moe", {
+        "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64,
+        "norm_topk_prob": False, "qkv_bias": True, "decoder_sparse_step": 1, "mlp_only_layers": [0],
+        "use_sliding_window": False}),
+    "mixtral-tiny": ("mixtral", {
+        "head_dim": 16, "intermediate_size": 32, "num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": None,
+        "rms_norm_eps": 1e-5}),
+    "olmoe-tiny": ("olmoe", {
+        "intermediate_size": 32, "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": False,
+        "attention_bias": False, "clip_qkv": None, "rms_norm_eps": 1e-5}),
+    "glm4-moe-tiny": ("glm4_moe", {
+        "head_dim": 16, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1, "moe_intermediate_size": 32,
+        "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5, "norm_topk_prob": True,
+        "attention_bias": True, "use_qk_norm": True, "num_nextn_predict_layers": 0, "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "partial_rotary_factor": 0.5}}),
 }
 
 
@@ -56,7 +60,7 @@ def _draw(name: str, shape: tuple[int, ...], gen: torch.Generator, hidden: int) 
     """One canonical parameter's random values (fp32) by its role."""
     if name.endswith("mlp.gate.weight"):  # the router: spread-out scores
         return torch.randn(shape, generator=gen) * 0.5 / hidden**0.5
-    if name.endswith("e_score_correction_bias") or name.endswith(".bias"):
+    if name.endswith(("e_score_correction_bias", ".bias")):
         return 0.02 * torch.randn(shape, generator=gen)
     if "norm" in name:
         return 1.0 + 0.1 * torch.randn(shape, generator=gen)
