@@ -83,3 +83,17 @@ def test_triton_backend_matches_torch(source):
         assert model.model.layers[1].self_attn.q_norm.backend == "triton"
         got = model(ids)
     assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("source", sorted(EXPECT))
+def test_transformers_reads_the_w4_output_with_our_logits(tmp_path, source):
+    """The writer's Hub names and compressed-tensors targets, read by transformers' own loader (its per-family
+    weight converters and ``CompressedTensorsHfQuantizer``): the same logits as quantkit's."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "q"
+    quantize(f"random:{source}", out, BUILTIN_RECIPES["w4g128"], QuantizeOptions(progress=False))
+    ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(0, 320, (1, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ref(ids).logits - quantkit.load(out)(ids)).abs().max().item() <= 1e-5
