@@ -100,3 +100,28 @@ def test_mixtral_and_qwen2_names():
     assert r"re:.*\.mlp\.shared_expert_gate$" in always_ignored(q2)
     assert hub_tensors(glm, "model.layers.1.mlp.moe_statics.e_score_correction_bias", 8) == [
         "model.layers.1.mlp.gate.e_score_correction_bias"]
+
+
+def _add_tensor(src, dst, name):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    t = load_file(str(dst / "model.safetensors"))
+    t[name] = torch.zeros(4)
+    save_file(t, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_glm_mtp_layer_is_ignored_other_unknown_tensors_are_not(tmp_path):
+    import quantkit
+    from quantkit.errors import QuantkitError
+    from quantkit.sources import resolve
+
+    glm = _add_tensor(resolve("random:glm4-moe-tiny"), tmp_path / "glm", "model.layers.3.eh_proj.weight")  # MTP layer
+    assert quantkit.load(glm).config.num_hidden_layers == 3
+    mix = _add_tensor(resolve("random:mixtral-tiny"), tmp_path / "mix", "model.layers.3.eh_proj.weight")
+    with pytest.raises(QuantkitError, match="1 unknown tensors"):
+        quantkit.load(mix)
