@@ -8,6 +8,12 @@ In memory every family uses quantkit's canonical module names (ERNIE's): ``model
 stands for the expert index); :func:`hub_tensors`, :func:`hub_prefixes` and :func:`hub_regex` are the only
 functions that apply it: the loader reads through them and every writer writes through them. Norms keep the
 same name in memory and on disk for every family (``q_norm``/``k_norm``, ``input_layernorm``...).
+
+Adding a family whose math exists: one file here with its ``ArchSpec`` and a line in ``arch/__init__.py``. New math
+is a new layer: e.g. multi-head latent attention is ``attention="mla"`` (``ATTENTIONS``), a module class in
+``causal_lm.ATTENTION_LAYERS`` built as ``cls(cfg, layer_idx)`` with a static ``linears(cfg)`` listing its
+quantizable linears (``q_a_proj``, ``q_b_proj``, ``kv_a_proj_with_mqa``, ``kv_b_proj``, ``o_proj``) for
+``quant.config.candidate_modules``, its config fields in ``MoeConfig``, and its fused groups in ``fused``.
 """
 
 from __future__ import annotations
