@@ -70,7 +70,7 @@ def vllm_layers(cfg) -> list[tuple[str, str, list[str], int | None]]:
                 (f"{p}.self_attn.o_proj", "row", [f"{p}.self_attn.o_proj"], cfg.num_attention_heads * cfg.head_dim)]
         mlps = []
         if cfg.is_moe_layer(i):
-            if cfg.moe_num_shared_experts:
+            if cfg.shared_width:
                 mlps.append((f"{p}.mlp.shared_experts", cfg.shared_width))
             experts = [f"{p}.mlp.experts.{e}.{x}_proj" for e in range(cfg.moe_num_experts) for x in ("gate", "up", "down")]
             out.append((f"{p}.mlp.experts", "moe", experts, cfg.moe_intermediate_size))
