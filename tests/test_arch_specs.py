@@ -125,3 +125,16 @@ def test_glm_mtp_layer_is_ignored_other_unknown_tensors_are_not(tmp_path):
     mix = _add_tensor(resolve("random:mixtral-tiny"), tmp_path / "mix", "model.layers.3.eh_proj.weight")
     with pytest.raises(QuantkitError, match="1 unknown tensors"):
         quantkit.load(mix)
+
+
+def test_fastdeploy_export_and_rotation_refuse_other_families(tmp_path):
+    from quantkit.format import fastdeploy
+    from quantkit.quant.config import get_recipe
+    from quantkit.sources import resolve
+    from quantkit.transforms.rotate import rotate_checkpoint
+
+    cfg = MoeConfig.from_dict(family_config("mixtral-tiny", "float32"))
+    with pytest.raises(UsageError, match="for ERNIE-4.5-MoE, not MixtralForCausalLM"):
+        fastdeploy.plan(cfg, get_recipe("w2code"))
+    with pytest.raises(UsageError, match="ERNIE-4.5-MoE checkpoints only, not qwen2_moe"):
+        rotate_checkpoint(resolve("random:qwen2-moe-tiny"), tmp_path / "rot")
