@@ -42,14 +42,14 @@ def build(cfg, scheme: str, device: str):
     import torch
 
     from quantkit.kernels import dispatch
-    from quantkit.model.ernie import ErnieMoeForCausalLM
+    from quantkit.model.causal_lm import MoeForCausalLM
     from quantkit.model.layers import Experts, RotaryEmbedding
 
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # embeddings, norms, bf16 linears; the router is fp32 by construction
     try:
         with torch.device("meta"):
-            model = ErnieMoeForCausalLM(cfg)
+            model = MoeForCausalLM(cfg)
             if not scheme.startswith("bf16"):
                 swap_quantized(model, cfg, scheme)
     finally:

@@ -8,7 +8,7 @@ import torch
 
 from quantkit.errors import UsageError
 from quantkit.kernels import dispatch
-from quantkit.model.ernie import ErnieMoeForCausalLM
+from quantkit.model.causal_lm import MoeForCausalLM
 from quantkit.model.loader import load_model
 from quantkit.sources import resolve
 from quantkit.tokenizer import Tokenizer
@@ -27,7 +27,7 @@ def _dtype(dtype) -> torch.dtype | None:
 
 
 def load(src: str | os.PathLike, device: str | torch.device = "cpu", dtype=None, backend: str = "auto",
-         verify: bool = True) -> ErnieMoeForCausalLM:
+         verify: bool = True) -> MoeForCausalLM:
     """Load a model for inference.
 
     src: an HF checkpoint directory or a built-in name (``random:ernie-tiny``, ``demo:smollm2-moe``, ...).

@@ -9,7 +9,7 @@ from collections import Counter, defaultdict
 from quantkit.format import compressed_tensors as fmt
 from quantkit.format import trellis
 from quantkit.format import wint2
-from quantkit.model.config import ErnieMoeConfig
+from quantkit.model.config import MoeConfig
 from quantkit.model.safetensors_io import CheckpointReader
 from quantkit.sources import resolve
 
@@ -26,7 +26,7 @@ def _role(name: str) -> str:
 
 def inspect_checkpoint(src: str) -> dict:
     path = resolve(src)
-    cfg = ErnieMoeConfig.from_dir(path)
+    cfg = MoeConfig.from_dir(path)
     reader = CheckpointReader(path)
     qconfig = cfg.raw.get("quantization_config")
     meta_file = path / fmt.METADATA_FILE

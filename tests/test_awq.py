@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 
 import quantkit
@@ -12,8 +13,10 @@ from quantkit.quant.config import BUILTIN_RECIPES, make_plan
 from quantkit.quant.rtn import rtn
 
 
-def test_folding_leaves_fp_logits_unchanged(tiny_dir):
-    model = quantkit.load(tiny_dir)
+@pytest.mark.parametrize("src", ["random:ernie-tiny", "random:qwen2-moe-tiny", "random:glm4-moe-tiny", "random:olmoe-tiny",
+                                 "random:mixtral-tiny"])  # q/k/v bias, the shared-expert gate, q/k norms, renamed experts
+def test_folding_leaves_fp_logits_unchanged(src):
+    model = quantkit.load(src)
     ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(ids)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from quantkit.model.layers import SparseMoeBlock
+from quantkit.model.routers import scores as router_scores
 
 EXPERT_CALIBRATION = ("routed", "all")
 SHARES_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
@@ -122,7 +123,7 @@ def capture_layer(layer, hidden, cos, sin, *, expert_calibration: str = "routed"
             ids, _ = mlp.route(x)
             cap.expert_tokens += torch.bincount(ids.flatten().cpu(), minlength=E)
             if expert_calibration == "all":
-                probs = F.softmax(F.linear(x.float(), mlp.gate.weight.float()), dim=-1)
+                probs = router_scores(x, mlp.gate.weight, mlp.router_spec)  # the family's unbiased scores
                 for e in range(E):
                     w = probs[:, e] if prob_weighted else None
                     h = F.silu(ex.project(e, "gate_proj", x)) * ex.project(e, "up_proj", x)

@@ -89,11 +89,11 @@ def evaluate_perplexity(src: str, data: str, seq_len: int = 2048, max_windows: i
     """Load ``src`` and its tokenizer, read ``data``, and measure perplexity."""
     import quantkit
     from quantkit.evals.data import load_text
-    from quantkit.model.config import ErnieMoeConfig
+    from quantkit.model.config import MoeConfig
     from quantkit.sources import resolve
 
     path = resolve(src)
-    ErnieMoeConfig.from_dir(path)  # fail on a bad model before reading data
+    MoeConfig.from_dir(path)  # fail on a bad model before reading data
     tokenizer = quantkit.load_tokenizer(path)
     ids = tokenize_for_windows(tokenizer, load_text(data), seq_len, max_windows)
     model = quantkit.load(path, device=device, dtype=dtype, backend=backend)

@@ -3,8 +3,8 @@
 This module owns every tensor name, dtype, packed shape and bit order; packer, writer, loader and the
 quantized modules import from here.
 
-Per quantized linear ``P`` (``[N, K]``; routed experts use per-expert Hub names
-``model.layers.L.mlp.experts.{e}.{gate,up,down}_proj``):
+Per quantized linear ``P`` (``[N, K]``), named by the family's Hub name (``arch.spec.hub_prefixes``: routed experts
+per expert, ``model.layers.L.mlp.experts.{e}.{gate,up,down}_proj``, Mixtral ``block_sparse_moe.experts.{e}.w1``...):
     P.weight_packed      int32 [N, ceil(K*b/32)]   codes + 2^(b-1) as unsigned b-bit fields, packed
                                                    densely along K: element k occupies bits k*b .. k*b+b-1
                                                    of the little-endian bit stream of the row (LSB of
@@ -33,8 +33,8 @@ from collections import defaultdict
 
 import torch
 
-from quantkit.format.wint2 import EXPERT_MODULE  # quantkit's 3-D experts module names, shared by both formats
 from quantkit.format.writer import TensorSpec
+from quantkit.model.arch.spec import ArchSpec, always_ignored, hub_prefixes, hub_regex
 from quantkit.quant.config import Plan
 from quantkit.quant.qtensor import QTensor
 
@@ -109,22 +109,21 @@ def linear_tensors(prefix: str, qt: QTensor) -> dict[str, torch.Tensor]:
     return t
 
 
-def module_tensors(module: str, qt: QTensor) -> dict[str, torch.Tensor]:
-    """On-disk tensors for a planned module; 3-D routed experts are split into per-expert Hub names."""
-    m = EXPERT_MODULE.match(module)
+def module_tensors(module: str, qt: QTensor, spec: ArchSpec) -> dict[str, torch.Tensor]:
+    """On-disk tensors for a planned module (canonical name), under the family's Hub names; 3-D routed experts
+    are split into one linear per expert."""
+    prefixes = expert_prefixes(module, qt.codes.shape[0] if qt.codes.dim() == 3 else 0, spec)
     if qt.codes.dim() == 2:
-        return linear_tensors(module, qt)
-    assert m, f"3-D weight for a non-expert module {module}"
+        return linear_tensors(prefixes[0], qt)
     out = {}
-    for e in range(qt.codes.shape[0]):
-        out.update(linear_tensors(f"{m.group(1)}.{e}.{m.group(2)}", qt.select(e)))
+    for e, prefix in enumerate(prefixes):
+        out.update(linear_tensors(prefix, qt.select(e)))
     return out
 
 
-def expert_prefixes(module: str, num_experts: int) -> list[str]:
-    """Disk prefixes of a module: itself, or one per expert for 3-D routed experts."""
-    m = EXPERT_MODULE.match(module)
-    return [f"{m.group(1)}.{e}.{m.group(2)}" for e in range(num_experts)] if m else [module]
+def expert_prefixes(module: str, num_experts: int, spec: ArchSpec) -> list[str]:
+    """Disk prefixes of a canonical module: its Hub name, or one per expert for 3-D routed experts."""
+    return hub_prefixes(spec, module, num_experts)
 
 
 def read_qtensor(read, prefix: str, bits: int, symmetric: bool) -> QTensor:
@@ -144,35 +143,29 @@ def _weights_args(bits: int, symmetric: bool, channel: bool, group_size: int) ->
             "dynamic": False, "actorder": None, "observer": "minmax", "block_structure": None}
 
 
-def _role_regex(module: str) -> str:
+def _role_regex(module: str, spec: ArchSpec) -> str:
     """``model.layers.3.mlp.experts.down_proj`` -> a regex for that module's on-disk linears (one per expert)."""
-    m = EXPERT_MODULE.match(module)
-    if m:
-        return "re:^" + re.escape(m.group(1)) + r"\.\d+\." + m.group(2) + "$"
-    return "re:^" + re.escape(module) + "$"
+    return hub_regex(spec, module)
 
 
-# Linears a server sees that are never quantized: the (tied) LM head and the fp32 router.
-ALWAYS_IGNORED = ["lm_head", r"re:.*\.mlp\.gate$"]
-
-
-def quantization_config(plan: Plan) -> dict:
+def quantization_config(plan: Plan, spec: ArchSpec) -> dict:
     """The ``quantization_config`` block: one config group per distinct (rule, effective group);
-    ``ignore`` lists the router, the LM head, every candidate the recipe left unquantized and the modules
-    in the 2-bit code (``format/wint2.py``; described by its own key, not by compressed-tensors)."""
-    ignore = ALWAYS_IGNORED + [_role_regex(m) for m in plan.unquantized]
+    ``ignore`` lists the router, the LM head, the family's never-quantized linears (``arch.spec.always_ignored``),
+    every candidate the recipe left unquantized and the modules in the 2-bit code (``format/wint2.py``;
+    described by its own key, not by compressed-tensors). Targets are Hub names."""
+    ignore = always_ignored(spec) + [_role_regex(m, spec) for m in plan.unquantized]
     groups: dict[tuple, list[str]] = defaultdict(list)
     for e in plan.entries:
         if e.rule.format != "int":
-            if _role_regex(e.module) not in ignore:
-                ignore.append(_role_regex(e.module))
+            if _role_regex(e.module, spec) not in ignore:
+                ignore.append(_role_regex(e.module, spec))
             continue
         key = (e.rule.bits, e.rule.symmetric, e.rule.group_size is None, e.group_size)
         groups[key].append(e.module)
     config_groups = {}
     for i, ((bits, sym, channel, g), modules) in enumerate(sorted(groups.items(), key=lambda kv: kv[0])):
         config_groups[f"group_{i}"] = {
-            "targets": [_role_regex(m) for m in modules],
+            "targets": [_role_regex(m, spec) for m in modules],
             "weights": _weights_args(bits, sym, channel, g),
             "input_activations": None, "output_activations": None, "format": "pack-quantized",
         }

@@ -36,7 +36,7 @@ from quantkit.errors import UsageError
 from quantkit.format import wint2
 from quantkit.format.paddle_layouts import wint4_layout, wint8_layout
 from quantkit.format.writer import TensorSpec
-from quantkit.model.config import ErnieMoeConfig
+from quantkit.model.config import MoeConfig
 from quantkit.quant.config import ROUTED, Plan, Recipe, Rule, candidate_modules, make_plan, resolve_recipe
 from quantkit.quant.qtensor import QTensor
 
@@ -137,7 +137,7 @@ def w4_end_layer(qconfig: dict) -> int:
 
 def expected_tensors(config: dict) -> list[tuple[TensorSpec, str]]:
     """(spec, FACTS key) of every tensor FastDeploy looks up for a Paddle-format wint2 ``config``."""
-    c = ErnieMoeConfig.from_dict(config)
+    c = MoeConfig.from_dict(config)
     dt = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(config.get("dtype")), torch.float32)
     H, D, E, I = c.hidden_size, c.head_dim, c.moe_num_experts, c.moe_intermediate_size
     w4_end = w4_end_layer(config.get("quantization_config") or {})
@@ -187,8 +187,10 @@ def _refuse(recipe: Recipe, why: str) -> UsageError:
     return UsageError(f"--export fastdeploy: recipe {recipe.name!r}: {why}; nearest expressible: {NEAREST}")
 
 
-def check_model(cfg: ErnieMoeConfig) -> None:
+def check_model(cfg: MoeConfig) -> None:
     """Model shapes FastDeploy's wint2 layout cannot hold (a UsageError naming the rule)."""
+    if cfg.arch != "ernie":
+        raise UsageError(f"--export fastdeploy: FastDeploy's wint2 layout is for ERNIE-4.5-MoE, not {cfg.spec.architectures[0]}")
     if not cfg.moe_num_experts or cfg.moe_layers != list(range(cfg.moe_layer_start_index, cfg.num_hidden_layers)):
         raise UsageError(f"--export fastdeploy: {rule_text('moe_layers')}; this model's MoE layers are {cfg.moe_layers}")
     for what, k in (("hidden_size", cfg.hidden_size), ("moe_intermediate_size", cfg.moe_intermediate_size)):
@@ -215,7 +217,7 @@ def _per_channel(rules: set, bits: int, default: Rule) -> tuple[Rule, str | None
     return replace(default, method=method), ", ".join(sorted("unquantized" if r is None else r.label for r in rules))
 
 
-def plan(cfg: ErnieMoeConfig, recipe: Recipe) -> Plan:
+def plan(cfg: MoeConfig, recipe: Recipe) -> Plan:
     """The plan of a FastDeploy export, or a UsageError before any work. FastDeploy's dispatch allows routed
     experts at w4 (wint4 per-channel) up to a layer and in the 2-bit code from there to the last MoE layer;
     dense linears are wint8 per-channel. Int rules are replaced by per-channel symmetric ones at FastDeploy's

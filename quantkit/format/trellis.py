@@ -237,22 +237,25 @@ def decode(trellis: torch.Tensor, suh: torch.Tensor, svh: torch.Tensor, bits: in
 
 # -- whole modules (planned 3-D routed experts) -----------------------------------------------------------
 
-def expert_prefixes(module: str, num_experts: int) -> list[str]:
-    m = EXPERT_MODULE.match(module)
-    if not m:
+def expert_prefixes(module: str, num_experts: int, spec) -> list[str]:
+    """Disk prefixes of a planned 3-D experts module (canonical name), one per expert, under the family's
+    Hub names (``arch.spec.hub_prefixes``)."""
+    from quantkit.model.arch.spec import hub_prefixes
+
+    if not EXPERT_MODULE.match(module):
         raise ValueError(f"{module}: the trellis code is for routed experts only")
-    return [f"{m.group(1)}.{e}.{m.group(2)}" for e in range(num_experts)]
+    return hub_prefixes(spec, module, num_experts)
 
 
-def module_specs(module: str, shape: tuple[int, int, int], bits: int) -> list[TensorSpec]:
+def module_specs(module: str, shape: tuple[int, int, int], bits: int, spec) -> list[TensorSpec]:
     e, n, k = shape
-    return [s for p in expert_prefixes(module, e) for s in tensor_specs(p, n, k, bits)]
+    return [s for p in expert_prefixes(module, e, spec) for s in tensor_specs(p, n, k, bits)]
 
 
-def module_tensors(module: str, tt) -> dict[str, torch.Tensor]:
+def module_tensors(module: str, tt, spec) -> dict[str, torch.Tensor]:
     """On-disk tensors of a planned experts module from its stacked ``TrellisTensor`` ``tt`` ([E, ..])."""
     parts = tt.tensors()
-    return {f"{p}.{leaf}": t[e].contiguous() for e, p in enumerate(expert_prefixes(module, tt.trellis.shape[0]))
+    return {f"{p}.{leaf}": t[e].contiguous() for e, p in enumerate(expert_prefixes(module, tt.trellis.shape[0], spec))
             for leaf, t in parts.items()}
 
 

@@ -93,12 +93,14 @@ def tensor_specs(prefix: str, n: int, k: int) -> list[TensorSpec]:
             TensorSpec(f"{prefix}.{CODE_ZP}", torch.float32, (n,))]
 
 
-def expert_prefixes(module: str, num_experts: int) -> list[str]:
-    """Disk prefixes of a planned 3-D experts module, one per expert."""
-    m = EXPERT_MODULE.match(module)
-    if not m:
+def expert_prefixes(module: str, num_experts: int, spec) -> list[str]:
+    """Disk prefixes of a planned 3-D experts module (canonical name), one per expert, under the family's
+    Hub names (``arch.spec.hub_prefixes``)."""
+    from quantkit.model.arch.spec import hub_prefixes
+
+    if not EXPERT_MODULE.match(module):
         raise ValueError(f"{module}: the 2-bit code is for routed experts only")
-    return [f"{m.group(1)}.{e}.{m.group(2)}" for e in range(num_experts)]
+    return hub_prefixes(spec, module, num_experts)
 
 
 # -- local-scale nibbles ----------------------------------------------------------------------------
@@ -188,15 +190,15 @@ def decode_triton_bf16(quant_weight: torch.Tensor, weight_scale: torch.Tensor, s
 
 # -- whole modules (planned 3-D routed experts) -------------------------------------------------------
 
-def module_specs(module: str, shape: tuple[int, int, int]) -> list[TensorSpec]:
+def module_specs(module: str, shape: tuple[int, int, int], spec) -> list[TensorSpec]:
     """Specs of a planned experts module ``[E, N, K]``."""
     e, n, k = shape
-    return [s for p in expert_prefixes(module, e) for s in tensor_specs(p, n, k)]
+    return [s for p in expert_prefixes(module, e, spec) for s in tensor_specs(p, n, k)]
 
 
-def module_tensors(module: str, ct) -> dict[str, torch.Tensor]:
+def module_tensors(module: str, ct, spec) -> dict[str, torch.Tensor]:
     """On-disk tensors of a planned experts module from its stacked ``Code2Tensor`` ``ct`` ([E, ..])."""
-    prefixes = expert_prefixes(module, ct.quant_weight.shape[0])
+    prefixes = expert_prefixes(module, ct.quant_weight.shape[0], spec)
     return {f"{p}.{leaf}": t[e].contiguous() for e, p in enumerate(prefixes) for leaf, t in ct.tensors().items()}
 
 

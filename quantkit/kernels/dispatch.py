@@ -161,19 +161,18 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     return reference.fused_moe(x, topk_ids, topk_weights, gate, up, down, add)
 
 
-def route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor, top_k: int, norm_min: float,
-          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """ERNIE's routing (``layers.route``): one Triton launch when ``backend`` is triton, else the torch ops."""
+def route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor | None, spec, backend: str
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one routing entry: x [T, H], gate_weight [E, H] fp32, bias (``spec.has_bias``) -> (topk_ids [T, k] int64,
+    topk_weights [T, k] fp32) for ``spec`` (a ``routers.RouterSpec``): one Triton launch for every spec when
+    ``backend`` is triton (``kernels/routing.py``), else ``routers.route``."""
     if backend == "triton":
         from quantkit.kernels.routing import route as triton_route
-        from quantkit.model.routers import RouterSpec
 
-        # bridge until the spec-taking ``route(x, w, bias, spec, backend)`` of the architecture branch lands
-        spec = RouterSpec(top_k=top_k, num_experts=gate_weight.shape[0], has_bias=True, norm_min=norm_min)
         return triton_route(x, gate_weight, bias, spec)
-    from quantkit.model.layers import route as torch_route
+    from quantkit.model.routers import route as torch_route
 
-    return torch_route(x, gate_weight, bias, top_k, norm_min)
+    return torch_route(x, gate_weight, bias, spec)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str) -> torch.Tensor:
@@ -187,14 +186,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str) ->
     return torch_rms_norm(x, weight, eps)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str) -> torch.Tensor:
-    """``layers.apply_rope``: one Triton launch when ``backend`` is triton and the kernel takes the head dim,
-    else the torch ops."""
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str, style: str = "interleaved") -> torch.Tensor:
+    """``layers.apply_rope`` (x [B, heads, T, D], cos/sin [T, R], R <= D rotate, the rest pass): one Triton launch when
+    ``backend`` is triton and the kernel takes the dims (``pointwise.rope_reads``), else the torch ops."""
     if backend == "triton":
         from quantkit.kernels import pointwise
 
-        if pointwise.rope_reads(x.shape[-1]):
-            return pointwise.rope(x, cos, sin)
+        if pointwise.rope_reads(x.shape[-1], cos.shape[-1]):
+            return pointwise.rope(x, cos, sin, style, cos.shape[-1])
     from quantkit.model.layers import apply_rope
 
-    return apply_rope(x, cos, sin)
+    return apply_rope(x, cos, sin, style)

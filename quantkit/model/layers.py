@@ -1,8 +1,9 @@
-"""Building blocks of ERNIE-4.5-MoE: RMSNorm, interleaved RoPE, GQA attention, SwiGLU MLP, router, experts.
+"""Building blocks of the MoE families: RMSNorm, RoPE (interleaved, rotate-half, partial), GQA attention (q/k/v
+bias, per-head or whole-projection q/k norm), SwiGLU MLP, router, experts, shared experts (plain or gated).
 
-Parameter names follow the Hugging Face checkpoint (``q_proj``, ``mlp.gate``, ``moe_statics``...), so the
-loader maps names one to one, except the routed experts, which live here as 3-D ``[E, N, K]`` tensors
-(``gate_proj``/``up_proj``: ``[E, I, H]``, ``down_proj``: ``[E, H, I]``) and are per-expert on disk.
+Parameter names are quantkit's canonical ones (ERNIE's Hub names: ``q_proj``, ``mlp.gate``, ``moe_statics``...);
+each family's ``ArchSpec.names`` maps them to its Hub names. The routed experts live here as 3-D ``[E, N, K]``
+tensors (``gate_proj``/``up_proj``: ``[E, I, H]``, ``down_proj``: ``[E, H, I]``) and are per-expert on disk.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantkit.kernels import dispatch
-from quantkit.model.config import ErnieMoeConfig
+from quantkit.model.config import MoeConfig
+from quantkit.model.routers import RouterSpec
+from quantkit.model.routers import route as spec_route
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -37,26 +40,38 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for ERNIE's interleaved (GPT-J style) RoPE: pairs (2i, 2i+1) rotate together."""
+    """cos/sin tables over ``dim`` rotary dims (the head dim, or its first part with partial rotary).
+    ``style`` 'interleaved' (ERNIE, GPT-J): pairs (2i, 2i+1) rotate together, each frequency repeated twice;
+    'half' (Llama, Qwen, Mixtral, OLMoE, GLM): pairs (i, i + dim/2), the frequencies concatenated twice."""
 
-    def __init__(self, head_dim: int, theta: float):
+    def __init__(self, dim: int, theta: float, style: str = "interleaved"):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.style = style
 
     @torch.no_grad()
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] (int) -> cos, sin [T, head_dim] in fp32, each frequency repeated twice."""
-        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # [T, D/2]
+        """positions [T] (int) -> cos, sin [T, dim] in fp32."""
+        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # [T, dim/2]
+        if self.style == "half":
+            return torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
         return freqs.cos().repeat_interleave(2, dim=-1), freqs.sin().repeat_interleave(2, dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, D]; rotation in fp32, result in x's dtype."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str = "interleaved") -> torch.Tensor:
+    """x [B, heads, T, D], cos/sin [T, R] with R <= D: the first R dims rotate, the rest pass (partial rotary).
+    Rotation in fp32, result in x's dtype."""
     xf = x.float()
-    x1, x2 = xf[..., 0::2], xf[..., 1::2]
-    rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
-    return (xf * cos + rotated * sin).to(x.dtype)
+    r = cos.shape[-1]
+    xr, xp = (xf, None) if r == xf.shape[-1] else (xf[..., :r], xf[..., r:])
+    if style == "half":
+        rotated = torch.cat((-xr[..., r // 2:], xr[..., : r // 2]), dim=-1)
+    else:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
+    out = xr * cos + rotated * sin
+    return (out if xp is None else torch.cat((out, xp), dim=-1)).to(x.dtype)
 
 
 class KVCache:
@@ -81,22 +96,39 @@ class KVCache:
 class Attention(nn.Module):
     backend = "torch"  # 'triton' (``dispatch.set_backend``): RoPE in one launch per tensor
 
-    def __init__(self, cfg: ErnieMoeConfig, layer_idx: int):
+    def __init__(self, cfg: MoeConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        h, b = cfg.hidden_size, cfg.use_bias
+        self.rope_style, self.qk_norm = cfg.rope_style, cfg.qk_norm
+        h, b = cfg.hidden_size, cfg.qkv_bias
         self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=b)
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=b)
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=b)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=b)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=cfg.o_bias)
+        if cfg.qk_norm != "none":  # 'head': over each head's D (Qwen3, GLM); 'proj': over all of q / k (OLMoE)
+            per = cfg.qk_norm == "head"
+            self.q_norm = RMSNorm(self.head_dim if per else self.n_heads * self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim if per else self.n_kv * self.head_dim, cfg.rms_norm_eps)
+
+    @staticmethod
+    def linears(cfg: MoeConfig) -> list[tuple[str, tuple[int, int]]]:
+        """(name, [N, K]) of the quantizable linears, in checkpoint order (every attention layer class has this)."""
+        H, D, nq, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        return [("q_proj", (nq * D, H)), ("k_proj", (nkv * D, H)), ("v_proj", (nkv * D, H)), ("o_proj", (H, nq * D))]
 
     def forward(self, x, cos, sin, cache: KVCache | None = None) -> torch.Tensor:
+        """x [B, T, H], cos/sin [T, rotary dims] -> [B, T, H]; with ``cache``, keys/values are appended to it."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.qk_norm == "proj":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.view(B, T, self.n_heads, self.head_dim), k.view(B, T, self.n_kv, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = dispatch.rope(q, cos, sin, self.backend), dispatch.rope(k, cos, sin, self.backend)
+        q, k = dispatch.rope(q, cos, sin, self.backend, self.rope_style), dispatch.rope(k, cos, sin, self.backend, self.rope_style)
         past = 0
         if cache is not None:
             past = 0 if cache.keys[self.layer_idx] is None else cache.keys[self.layer_idx].shape[2]
@@ -132,26 +164,22 @@ class MLP(nn.Module):
 
 
 class MoeStatics(nn.Module):
-    """Holds the routing correction bias ``[1, E]`` (fp32): it changes which experts are chosen, not their weights."""
+    """Holds the routing correction bias (fp32; ``[1, E]`` for ERNIE, ``[E]`` for GLM, as each Hub stores it):
+    it changes which experts are chosen, not their weights."""
 
-    def __init__(self, num_experts: int):
+    def __init__(self, num_experts: int, rank: int = 2):
         super().__init__()
-        self.e_score_correction_bias = nn.Parameter(torch.zeros(1, num_experts, dtype=torch.float32), requires_grad=False)
+        shape = (1, num_experts) if rank == 2 else (num_experts,)
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(shape, dtype=torch.float32), requires_grad=False)
 
 
 def route(
     x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor, top_k: int, norm_min: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ERNIE routing in fp32. x [T, H] -> (topk_ids [T, k] int64, topk_weights [T, k] fp32).
-
-    Experts are chosen by top-k of softmax probs + correction bias; they are weighted by the unbiased
-    probs, renormalised to sum 1 (the sum clamped below by ``norm_min``).
-    """
-    probs = F.softmax(F.linear(x.float(), gate_weight.float()), dim=-1)
-    _, ids = torch.topk(probs + bias.float().reshape(-1), top_k, dim=-1)
-    weights = torch.gather(probs, -1, ids)
-    weights = weights / torch.clamp(weights.sum(-1, keepdim=True), min=norm_min)
-    return ids, weights
+    """ERNIE routing in fp32 (the twin the routing kernel's tests name): ``routers.route`` with ERNIE's spec.
+    x [T, H] -> (topk_ids [T, k] int64, topk_weights [T, k] fp32)."""
+    spec = RouterSpec(top_k=top_k, num_experts=gate_weight.shape[0], has_bias=True, norm_min=norm_min)
+    return spec_route(x, gate_weight, bias, spec)
 
 
 class Experts(nn.Module):
@@ -211,24 +239,26 @@ class SparseMoeBlock(nn.Module):
 
     backend = "torch"
 
-    def __init__(self, cfg: ErnieMoeConfig):
+    def __init__(self, cfg: MoeConfig):
         super().__init__()
-        self.top_k, self.norm_min = cfg.moe_k, cfg.moe_norm_min
+        self.router_spec = cfg.router_spec
         self.gate = Router(cfg.moe_num_experts, cfg.hidden_size)
-        self.moe_statics = MoeStatics(cfg.moe_num_experts)
+        self.moe_statics = MoeStatics(cfg.moe_num_experts, cfg.spec.router_bias_rank) if cfg.router_bias else None
         self.experts = Experts(cfg.moe_num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
-        self.shared_experts = None
-        if cfg.moe_num_shared_experts > 0:
-            width = cfg.moe_intermediate_size * cfg.moe_num_shared_experts
-            self.shared_experts = MLP(cfg.hidden_size, width, cfg.use_bias)
+        self.shared_experts = MLP(cfg.hidden_size, cfg.shared_width, cfg.mlp_bias) if cfg.shared_width > 0 else None
+        # Qwen2-MoE: the shared expert's output is scaled by sigmoid(x @ g^T), g [1, H], per token
+        self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if cfg.shared_expert_gate else None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return dispatch.route(x, self.gate.weight, self.moe_statics.e_score_correction_bias, self.top_k, self.norm_min,
-                              self.backend)
+        """x [T, H] -> (topk_ids [T, k] int64, topk_weights [T, k] fp32)."""
+        bias = self.moe_statics.e_score_correction_bias if self.moe_statics is not None else None
+        return dispatch.route(x, self.gate.weight, bias, self.router_spec, self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         ids, weights = self.route(x)
         shared = self.shared_experts(x) if self.shared_experts is not None else None
+        if self.shared_expert_gate is not None:
+            shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
         return self.experts(x, ids, weights, shared).reshape(shape)

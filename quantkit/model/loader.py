@@ -1,8 +1,9 @@
 """Streaming loader: build on the meta device, materialise only what is asked for.
 
-The architecture knowledge is the small table below: which module parameters come from which
-checkpoint tensors. Everything maps one to one except the routed experts, stored per expert on disk
-(``mlp.experts.{e}.gate_proj.weight``) and held as one 3-D ``[E, N, K]`` parameter in memory.
+Which checkpoint tensors make up which module parameter is the family's name map (``ArchSpec.names``, applied by
+``arch.spec.hub_tensors``): in memory quantkit's canonical names, on disk the Hub's; the routed experts are stored
+per expert on disk (``mlp.experts.{e}.gate_proj.weight``, Mixtral ``block_sparse_moe.experts.{e}.w1.weight``)
+and held as one 3-D ``[E, N, K]`` parameter in memory.
 
 Typical uses:
     model = load_model(path, device, dtype)               # everything, for inference
@@ -20,32 +21,34 @@ import torch
 from torch import nn
 
 from quantkit.errors import QuantkitError
-from quantkit.model.config import ErnieMoeConfig
-from quantkit.model.ernie import ErnieMoeForCausalLM
-from quantkit.model.layers import RotaryEmbedding
+from quantkit.model.arch.spec import hub_tensors
+from quantkit.model.causal_lm import MoeForCausalLM, rotary_embedding
+from quantkit.model.config import MoeConfig
 from quantkit.model.safetensors_io import CheckpointReader
 
-# In memory ``experts.gate_proj`` (dense, 3-D) or ``experts.gate_proj.weight_packed`` (quantized, stacked);
-# on disk ``experts.{e}.gate_proj.weight`` / ``experts.{e}.gate_proj.weight_packed``.
-# Earlier FastDeploy-style exports add ``experts.up_gate_proj.quant_weight`` (gate and up fused), still read.
-EXPERT_PARAM = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj|up_gate_proj)(?:\.(\w+))?$")
-# Checkpoint tensors that exist in some releases and that the model does not use.
-IGNORED_TENSORS = re.compile(r"(^|\.)mtp|rotary_emb\.inv_freq$")
+LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 # Parameters kept in fp32 whatever the model dtype (the router and its bias).
 FP32_PARAMS = re.compile(r"\.mlp\.gate\.weight$|\.moe_statics\.e_score_correction_bias$")
 # Tensors kept exactly as stored: quantization scales (dequantization must match the writer's).
 KEEP_DTYPE = re.compile(r"\.(weight_scale|super_scales|code_scale|code_zp)$")
 
 
-def source_names(param: str, cfg: ErnieMoeConfig) -> list[str]:
-    """Checkpoint tensor names that make up module parameter ``param`` (one, or one per expert)."""
-    m = EXPERT_PARAM.match(param)
-    if m:
-        return [f"{m.group(1)}.{e}.{m.group(2)}.{m.group(3) or 'weight'}" for e in range(cfg.moe_num_experts)]
-    return [param]
+def source_names(param: str, cfg: MoeConfig) -> list[str]:
+    """Checkpoint tensor names that make up module parameter ``param`` (one, or one per expert), through the
+    family's name map. In memory ``experts.gate_proj`` (3-D) or ``experts.gate_proj.weight_packed`` (quantized,
+    stacked); on disk per expert (ERNIE's earlier FastDeploy-style ``experts.{e}.up_gate_proj`` too)."""
+    return hub_tensors(cfg.spec, param, cfg.moe_num_experts)
 
 
-def default_dtype(cfg: ErnieMoeConfig) -> torch.dtype:
+def ignored_tensor(name: str, cfg: MoeConfig) -> bool:
+    """Checkpoint tensors that exist in some releases and that the model does not use (``mtp*``, GLM's MTP layer)."""
+    if re.search(cfg.spec.ignored_tensors, name):
+        return True
+    m = LAYER_INDEX.match(name)
+    return bool(m and cfg.spec.extra_layers_ignored and int(m.group(1)) >= cfg.num_hidden_layers)
+
+
+def default_dtype(cfg: MoeConfig) -> torch.dtype:
     name = cfg.raw.get("torch_dtype") or cfg.raw.get("dtype") or "float32"
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name).replace("torch.", ""), torch.float32)
 
@@ -55,7 +58,7 @@ class Checkpoint:
 
     def __init__(self, path: str | Path, verify: bool = True):
         self.path = Path(path)
-        self.config = ErnieMoeConfig.from_dir(self.path)
+        self.config = MoeConfig.from_dir(self.path)
         self.reader = CheckpointReader(self.path)
         if verify:
             verify_checksums(self.path)
@@ -76,8 +79,6 @@ class Checkpoint:
                 if info.shape != first.shape or info.dtype != first.dtype:
                     raise QuantkitError(f"{name}: shape/dtype {list(info.shape)} {info.dtype} differs from expert 0")
                 self.reader.read_into(name, t[e])
-        if param.endswith("e_score_correction_bias"):
-            t = t.reshape(1, -1)  # [1, E] in the Hub checkpoint, [E] in some conversions
         if not t.dtype.is_floating_point or KEEP_DTYPE.search(param):
             return t
         return t.to(torch.float32 if FP32_PARAMS.search(param) else dtype)
@@ -87,6 +88,8 @@ class Checkpoint:
         for name, p in model_tensors(module):
             full = f"{prefix}.{name}" if prefix else name
             t = self.read_param(full, dtype)
+            if full.endswith("e_score_correction_bias") and t.numel() == p.numel():
+                t = t.reshape(p.shape)  # ERNIE: [1, E] on the Hub, [E] in some conversions
             if tuple(t.shape) != tuple(p.shape):
                 raise QuantkitError(f"{full}: checkpoint shape {list(t.shape)} != model shape {list(p.shape)} (config mismatch?)")
             owner, leaf = _owner(module, name)
@@ -97,7 +100,7 @@ class Checkpoint:
         return module
 
 
-def build_skeleton(config: ErnieMoeConfig, qconfig: dict | None, reader, where) -> ErnieMoeForCausalLM:
+def build_skeleton(config: MoeConfig, qconfig: dict | None, reader, where) -> MoeForCausalLM:
     """The model on the meta device, with quantized modules swapped in where the checkpoint stores them.
     ``reader`` needs ``names()``, ``in`` and ``info(name).shape/.dtype`` (a ``CheckpointReader``, or the
     header-only view ``quantkit check`` uses)."""
@@ -108,17 +111,17 @@ def build_skeleton(config: ErnieMoeConfig, qconfig: dict | None, reader, where) 
         raise QuantkitError(f"{where}: quantization method {qconfig.get('quant_method')!r} is not supported "
                             "(quantkit reads compressed-tensors pack-quantized checkpoints)")
     with torch.device("meta"):
-        skeleton = ErnieMoeForCausalLM(config)
+        skeleton = MoeForCausalLM(config)
         if qconfig is not None:
             from quantkit.nn.swap import swap_quantized_modules
 
             swap_quantized_modules(skeleton, config, qconfig, reader)
     # the RoPE table is computed, not loaded: give the skeleton a real one (a few KB)
-    skeleton.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+    skeleton.rotary = rotary_embedding(config)
     return skeleton
 
 
-def expected_tensors(skeleton: nn.Module, config: ErnieMoeConfig) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+def expected_tensors(skeleton: nn.Module, config: MoeConfig) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """Every checkpoint tensor the skeleton reads, with the dtype and shape its parameter holds (experts: one
     tensor per expert, of the stacked parameter's shape without its first dimension)."""
     out = {}
@@ -129,10 +132,10 @@ def expected_tensors(skeleton: nn.Module, config: ErnieMoeConfig) -> dict[str, t
     return out
 
 
-def check_names(skeleton: nn.Module, config: ErnieMoeConfig, names, where) -> None:
+def check_names(skeleton: nn.Module, config: MoeConfig, names, where) -> None:
     """Every parameter has its tensors and every tensor has a parameter: never silently random."""
     expected = set(expected_tensors(skeleton, config))
-    present = {n for n in names if not IGNORED_TENSORS.search(n)}
+    present = {n for n in names if not ignored_tensor(n, config)}
     if config.tie_word_embeddings:
         present.discard("lm_head.weight")
     missing, unknown = sorted(expected - present), sorted(present - expected)
@@ -183,7 +186,7 @@ def release(module: nn.Module) -> None:
     module.to("meta")
 
 
-def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = None, verify: bool = True) -> ErnieMoeForCausalLM:
+def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = None, verify: bool = True) -> MoeForCausalLM:
     """The whole model, materialised on ``device`` (dtype: the checkpoint's unless given)."""
     ckpt = Checkpoint(path, verify=verify)
     dtype = dtype or default_dtype(ckpt.config)

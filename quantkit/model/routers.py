@@ -51,13 +51,18 @@ class RouterSpec:
             raise UsageError("router: group-limited routing needs at least 2 experts per group")
 
 
+def scores(x: torch.Tensor, gate_weight: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
+    """x [T, H], gate_weight [E, H] -> the unbiased routing scores [T, E] in fp32 (softmax probs or sigmoids)."""
+    logits = F.linear(x.float(), gate_weight.float())  # [T, E]
+    return logits.softmax(-1) if spec.scoring == "softmax" else logits.sigmoid()
+
+
 def route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor | None, spec: RouterSpec
           ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, H], gate_weight [E, H], bias [E] or [1, E] (when ``spec.has_bias``)
     -> (topk_ids [T, k] int64, topk_weights [T, k] fp32)."""
-    logits = F.linear(x.float(), gate_weight.float())  # [T, E]
-    scores = logits.softmax(-1) if spec.scoring == "softmax" else logits.sigmoid()
-    choice = scores + bias.float().reshape(-1) if spec.has_bias else scores
+    probs = scores(x, gate_weight, spec)
+    choice = probs + bias.float().reshape(-1) if spec.has_bias else probs
     if spec.n_group > 1:
         T = choice.shape[0]
         grouped = choice.view(T, spec.n_group, -1)
@@ -65,7 +70,7 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor | None,
         keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(spec.topk_group, dim=-1).indices, 1.0)
         choice = grouped.masked_fill(keep[..., None] == 0, float("-inf")).view(T, -1)
     ids = choice.topk(spec.top_k, dim=-1).indices
-    weights = scores.gather(-1, ids)
+    weights = probs.gather(-1, ids)
     if spec.renormalize:
         total = weights.sum(-1, keepdim=True)
         if spec.norm_min > 0:

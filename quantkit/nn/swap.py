@@ -8,7 +8,7 @@ from quantkit.errors import QuantkitError
 from quantkit.format import trellis as trellis_fmt
 from quantkit.format import wint2
 from quantkit.format.compressed_tensors import SCALE, expert_prefixes, scheme_for
-from quantkit.model.config import ErnieMoeConfig
+from quantkit.model.config import MoeConfig
 from quantkit.model.safetensors_io import CheckpointReader
 from quantkit.nn.quantized import CODE2, QuantExperts, QuantLinear
 from quantkit.nn.trellis import TRELLIS
@@ -27,7 +27,7 @@ def _scheme(qconfig: dict, reader: CheckpointReader, prefix: str, k: int):
     return bits, k // groups, sym, reader.info(f"{prefix}.{SCALE}").dtype
 
 
-def swap_quantized_modules(model: nn.Module, cfg: ErnieMoeConfig, qconfig: dict, reader: CheckpointReader) -> int:
+def swap_quantized_modules(model: nn.Module, cfg: MoeConfig, qconfig: dict, reader: CheckpointReader) -> int:
     """Replace every linear / expert projection that the checkpoint stores quantized. Returns how many."""
     swapped = 0
     expert_schemes: dict[str, dict[str, tuple | str]] = {}  # "model.layers.L.mlp" -> {proj: (bits, group, sym) | CODE2}
@@ -56,7 +56,7 @@ def swap_quantized_modules(model: nn.Module, cfg: ErnieMoeConfig, qconfig: dict,
             scale_dtypes.setdefault(mlp, wint2.SUPER_DTYPE)
             swapped += 1
             continue
-        prefixes = expert_prefixes(name, cfg.moe_num_experts if len(shape) == 3 else 0)
+        prefixes = expert_prefixes(name, cfg.moe_num_experts if len(shape) == 3 else 0, cfg.spec)
         schemes = {_scheme(qconfig, reader, p, shape[-1]) for p in prefixes}
         if schemes == {None}:
             continue

@@ -69,6 +69,8 @@ def apply_awq(layer, cap: LayerCapture, entries: dict[str, PlanEntry], alphas=AL
                    "self_attn.o_proj", o_abs, expand, per_kv)
         if s_kv is not None:
             attn.v_proj.weight.data /= s_kv[:, None]
+            if attn.v_proj.bias is not None:  # q/k/v bias (Qwen2-MoE, GLM): v's rows scale with their bias
+                attn.v_proj.bias.data /= s_kv
             attn.o_proj.weight.data *= expand(s_kv)
             _rescale_stat(cap, "self_attn.o_proj", expand(s_kv))
 
@@ -88,6 +90,8 @@ def apply_awq(layer, cap: LayerCapture, entries: dict[str, PlanEntry], alphas=AL
         if s is not None:
             layer.post_attention_layernorm.weight.data /= s.to(layer.post_attention_layernorm.weight.dtype)
             mlp.gate.weight.data *= s  # the router reads the same normed input: exact, it stays fp32
+            if mlp.shared_expert_gate is not None:  # Qwen2-MoE's shared-expert gate reads it too
+                mlp.shared_expert_gate.weight.data *= s.to(mlp.shared_expert_gate.weight.dtype)
             ex.gate_proj.data *= s
             ex.up_proj.data *= s
             if mlp.shared_experts is not None:
@@ -123,6 +127,8 @@ def apply_awq(layer, cap: LayerCapture, entries: dict[str, PlanEntry], alphas=AL
         s = run(f"{name} up->down", [(key, m.down_proj.weight, cap.stats[key].H)], key) if f"{name}.up_proj" in entries else None
         if s is not None:
             m.up_proj.weight.data /= s[:, None]
+            if m.up_proj.bias is not None:
+                m.up_proj.bias.data /= s
             m.down_proj.weight.data *= s
             _rescale_stat(cap, key, s)
     return chosen

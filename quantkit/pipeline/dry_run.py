@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from quantkit.model.config import ErnieMoeConfig
-from quantkit.model.ernie import ErnieMoeForCausalLM
+from quantkit.model.causal_lm import MoeForCausalLM
+from quantkit.model.config import MoeConfig
 from quantkit.model.loader import default_dtype, model_tensors
 from quantkit.pipeline.layer_quant import EXPERT_CHUNK
 from quantkit.quant.config import Recipe
@@ -33,7 +33,7 @@ def dry_run(src: str, recipe: Recipe, options) -> dict:
     from quantkit.serving import SERVERS
 
     path = resolve(src)
-    cfg = ErnieMoeConfig.from_dir(path)
+    cfg = MoeConfig.from_dir(path)
     budget = None
     if recipe.bits_per_weight is not None:  # the K per tensor needs the weights (and calibration): the sensitivity pass
         from quantkit.model.loader import Checkpoint
@@ -41,7 +41,7 @@ def dry_run(src: str, recipe: Recipe, options) -> dict:
 
         recipe, budget = apply_budget(Checkpoint(path), recipe, options)
     with torch.device("meta"):
-        skeleton = ErnieMoeForCausalLM(cfg)
+        skeleton = MoeForCausalLM(cfg)
     dtype = default_dtype(cfg)
     plan, specs = output_plan(cfg, recipe, options.export, skeleton, dtype)
     servers = check_servers(cfg, plan, specs, options.export, SERVERS, options.tp)
@@ -61,12 +61,12 @@ def dry_run(src: str, recipe: Recipe, options) -> dict:
         attn = 4 * (H * H + (cfg.num_attention_heads * D) ** 2)
         moe = 0
         if cfg.moe_layers:
-            E, I, S = cfg.moe_num_experts, cfg.moe_intermediate_size, cfg.moe_intermediate_size * cfg.moe_num_shared_experts
+            E, I, S = cfg.moe_num_experts, cfg.moe_intermediate_size, cfg.shared_width
             moe = 4 * (E * (H * H + I * I) + (H * H + S * S if S else 0))
         dense = 4 * (H * H + cfg.intermediate_size ** 2) if len(cfg.moe_layers) < cfg.num_hidden_layers else 0
         hessians = attn + max(moe, dense)
         # H, its Cholesky factor and a clone, fp32: one matrix at a time for linears, EXPERT_CHUNK for experts
-        k_dense = max(H, cfg.intermediate_size if dense else H, cfg.moe_intermediate_size * cfg.moe_num_shared_experts)
+        k_dense = max(H, cfg.intermediate_size if dense else H, cfg.shared_width)
         k_expert = max(H, cfg.moe_intermediate_size) if cfg.moe_layers else 0
         gptq_ws = 3 * 4 * max(k_dense * k_dense, EXPERT_CHUNK * k_expert * k_expert)
     device_peak = layer_bytes + quant_layer + hidden + hessians + gptq_ws

@@ -91,14 +91,14 @@ def refuse(server: str, reasons: list, tp: int = 1) -> None:
                          + reasons[0].line() + more)
 
 
-def entry_specs(entry: PlanEntry, dtype: torch.dtype) -> list[TensorSpec]:
-    """On-disk tensors of one planned module (per expert for routed experts)."""
+def entry_specs(entry: PlanEntry, dtype: torch.dtype, spec) -> list[TensorSpec]:
+    """On-disk tensors of one planned module (per expert for routed experts), under ``spec``'s (the family's) Hub names."""
     if entry.rule.format == "code2":
-        return wint2.module_specs(entry.module, entry.shape)
+        return wint2.module_specs(entry.module, entry.shape, spec)
     if entry.rule.format == "trellis":
-        return trellis_fmt.module_specs(entry.module, entry.shape, entry.rule.bits)
+        return trellis_fmt.module_specs(entry.module, entry.shape, entry.rule.bits, spec)
     n, k = entry.shape[-2:]
-    return [s for prefix in fmt.expert_prefixes(entry.module, entry.shape[0] if entry.is_experts else 0)
+    return [s for prefix in fmt.expert_prefixes(entry.module, entry.shape[0] if entry.is_experts else 0, spec)
             for s in fmt.linear_specs(prefix, n, k, entry.rule.bits, entry.group_size, entry.rule.symmetric, dtype)]
 
 
@@ -114,7 +114,7 @@ def output_specs(skeleton, cfg, plan: Plan, dtype: torch.dtype) -> list[TensorSp
     for name, t in model_tensors(skeleton):
         entry = planned_module(name, plan)
         if entry is not None:
-            specs += entry_specs(entry, dtype)
+            specs += entry_specs(entry, dtype, cfg.spec)
             continue
         out_dtype = torch.float32 if FP32_PARAMS.search(name) else dtype
         disk = source_names(name, cfg)
@@ -139,7 +139,7 @@ def output_config(cfg, plan: Plan, export: str = "quantkit") -> dict:
     if export == "fastdeploy":
         return fastdeploy.config_json(cfg.raw, plan)
     config = dict(cfg.raw)
-    config["quantization_config"] = qconfig = fmt.quantization_config(plan)
+    config["quantization_config"] = qconfig = fmt.quantization_config(plan, cfg.spec)
     code2_modules = [e.module for e in plan.entries if e.rule.format == "code2"]
     if code2_modules:
         qconfig[wint2.CONFIG_KEY] = wint2.config_block(code2_modules)
@@ -262,11 +262,11 @@ class QuantizeRun:
             if self.fd:
                 tensors = fastdeploy.module_tensors(entry.module, res.qtensors, prefix)
             elif entry.rule.format == "code2":
-                tensors = wint2.module_tensors(entry.module, res.qtensors[rel])
+                tensors = wint2.module_tensors(entry.module, res.qtensors[rel], self.cfg.spec)
             elif entry.rule.format == "trellis":
-                tensors = trellis_fmt.module_tensors(entry.module, res.qtensors[rel])
+                tensors = trellis_fmt.module_tensors(entry.module, res.qtensors[rel], self.cfg.spec)
             else:
-                tensors = fmt.module_tensors(entry.module, res.qtensors[rel])
+                tensors = fmt.module_tensors(entry.module, res.qtensors[rel], self.cfg.spec)
             for k, v in tensors.items():
                 self.writer.write(k, v)
         if self.fp_hidden is not None:
@@ -306,7 +306,7 @@ class QuantizeRun:
         parts: dict[str, list[int]] = {}  # rule label -> [bytes, weights]
         for e in self.plan.entries:
             acc = parts.setdefault(e.rule.label + (" (routed experts)" if e.is_experts else ""), [0, 0])
-            acc[0] += fastdeploy.entry_bytes(e) if self.fd else sum(s.nbytes for s in entry_specs(e, self.dtype))
+            acc[0] += fastdeploy.entry_bytes(e) if self.fd else sum(s.nbytes for s in entry_specs(e, self.dtype, self.cfg.spec))
             acc[1] += math.prod(e.shape)
         quantized_bytes = sum(b for b, _ in parts.values())
         st = self.state

@@ -6,8 +6,9 @@ for all routed experts of a layer at once (3-D, ``[E, N, K]``). A rule's pattern
 searched in that name (``re.search``); the first matching rule wins; a module that matches no rule or
 matches an ``ignore`` pattern stays unquantized.
 
+Names are canonical for every family (``quantkit.model.arch`` maps them to each family's Hub names on write).
 Never quantized, whatever the recipe says (they are not candidates at all): the router ``mlp.gate``,
-``moe_statics``, embeddings, norms and the (tied) ``lm_head``.
+``moe_statics``, Qwen2-MoE's ``mlp.shared_expert_gate``, embeddings, norms and the (tied) ``lm_head``.
 
 Two formats: ``format="int"`` (grouped integer grids, compressed-tensors) and ``format="code2"`` (the 2-bit
 convolutional code of ``quantkit.format.wint2``, bits=2 and 64-input groups by construction, for routed
@@ -39,7 +40,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from quantkit.errors import UsageError
-from quantkit.model.config import ErnieMoeConfig
+from quantkit.model.config import MoeConfig
 
 CONFIG_VERSION = 2  # 2: rules gained ``format``
 BITS = (2, 3, 4, 8)
@@ -211,7 +212,7 @@ def layer_range_recipe(name: str, ranges: list[tuple[int, int, Rule]], rest: Rul
     return Recipe(name=name, rules=(*rules, (".*", rest)))
 
 
-def _edges_recipe(cfg: ErnieMoeConfig) -> Recipe:
+def _edges_recipe(cfg: MoeConfig) -> Recipe:
     """``w2code-w4edges`` for a model: experts of the first and last MoE layers at w4g128, the others in the code."""
     moe = cfg.moe_layers
     ranges = [(moe[0], moe[0], W4), (moe[-1], moe[-1], W4)] if len(moe) > 1 else []
@@ -231,7 +232,7 @@ BUILTIN_RECIPES = {
 MODEL_RECIPES = {"w2code-w4edges": _edges_recipe}  # built per model (they name layer ranges)
 
 
-def get_recipe(name_or_path: str, cfg: ErnieMoeConfig | None = None) -> Recipe:
+def get_recipe(name_or_path: str, cfg: MoeConfig | None = None) -> Recipe:
     """A built-in recipe or a recipe file. Model-dependent built-ins (``w2code-w4edges``) need ``cfg``;
     without it they are returned as a placeholder that ``resolve_recipe`` fills in at plan time."""
     if name_or_path in BUILTIN_RECIPES:
@@ -247,7 +248,7 @@ def get_recipe(name_or_path: str, cfg: ErnieMoeConfig | None = None) -> Recipe:
                      "or a .json/.yaml file")
 
 
-def resolve_recipe(recipe: Recipe, cfg: ErnieMoeConfig) -> Recipe:
+def resolve_recipe(recipe: Recipe, cfg: MoeConfig) -> Recipe:
     """Fill a model-dependent built-in (the placeholder ``get_recipe`` returns without a model) for ``cfg``,
     keeping the method and clipping the user chose; any other recipe is returned as is."""
     def shape(r: Recipe):
@@ -297,31 +298,31 @@ def effective_group(group: int | None, k: int) -> tuple[int, str]:
     raise UsageError(f"no power-of-two group size <= {group} divides K={k}")
 
 
-FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+def candidate_modules(cfg: MoeConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every weight that may be quantized, in checkpoint order. The attention's linears come from
+    the family's attention layer (``causal_lm.ATTENTION_LAYERS[spec.attention].linears``)."""
+    from quantkit.model.causal_lm import ATTENTION_LAYERS
 
-
-def candidate_modules(cfg: ErnieMoeConfig) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every weight that may be quantized, in checkpoint order."""
-    H, D = cfg.hidden_size, cfg.head_dim
+    H = cfg.hidden_size
+    attention = ATTENTION_LAYERS[cfg.spec.attention].linears(cfg)
     out = []
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}"
-        out += [(f"{p}.self_attn.q_proj", (cfg.num_attention_heads * D, H)), (f"{p}.self_attn.k_proj", (cfg.num_key_value_heads * D, H)),
-                (f"{p}.self_attn.v_proj", (cfg.num_key_value_heads * D, H)), (f"{p}.self_attn.o_proj", (H, cfg.num_attention_heads * D))]
+        out += [(f"{p}.self_attn.{name}", shape) for name, shape in attention]
         if not cfg.is_moe_layer(i):
             I = cfg.intermediate_size
             out += [(f"{p}.mlp.gate_proj", (I, H)), (f"{p}.mlp.up_proj", (I, H)), (f"{p}.mlp.down_proj", (H, I))]
             continue
         E, I = cfg.moe_num_experts, cfg.moe_intermediate_size
-        if cfg.moe_num_shared_experts:
-            S = I * cfg.moe_num_shared_experts
+        if cfg.shared_width:
+            S = cfg.shared_width
             out += [(f"{p}.mlp.shared_experts.gate_proj", (S, H)), (f"{p}.mlp.shared_experts.up_proj", (S, H)),
                     (f"{p}.mlp.shared_experts.down_proj", (H, S))]
         out += [(f"{p}.mlp.experts.gate_proj", (E, I, H)), (f"{p}.mlp.experts.up_proj", (E, I, H)), (f"{p}.mlp.experts.down_proj", (E, H, I))]
     return out
 
 
-def _joint_k(cfg: ErnieMoeConfig, recipe: Recipe, name: str, rule: Rule, shape: tuple[int, ...]) -> int:
+def _joint_k(cfg: MoeConfig, recipe: Recipe, name: str, rule: Rule, shape: tuple[int, ...]) -> int:
     """The K a group must divide: the module's own, or for routed experts the gcd of the layer's expert Ks
     (H for gate/up, I for down) when the three share a rule, so that the fallback gives all of them one
     group (vLLM: "All MoE projections need to have same quantization scheme")."""
@@ -332,8 +333,9 @@ def _joint_k(cfg: ErnieMoeConfig, recipe: Recipe, name: str, rule: Rule, shape: 
     return math.gcd(cfg.hidden_size, cfg.moe_intermediate_size) if same else shape[-1]
 
 
-def make_plan(cfg: ErnieMoeConfig, recipe: Recipe) -> Plan:
-    """Resolve the recipe against the model; validate that fused groups (q/k/v, gate/up) share one rule."""
+def make_plan(cfg: MoeConfig, recipe: Recipe) -> Plan:
+    """Resolve the recipe against the model; validate that fused groups (``ArchSpec.fused``: q/k/v, gate/up) share
+    one rule."""
     if recipe.bits_per_weight is not None:
         raise UsageError(f"recipe {recipe.name!r} has a bit budget (bits_per_weight {recipe.bits_per_weight}), which "
                          "quantkit.pipeline.budget.apply_budget resolves against the model's weights before planning")
@@ -371,7 +373,7 @@ def make_plan(cfg: ErnieMoeConfig, recipe: Recipe) -> Plan:
     by_name = {e.module: e for e in entries}
     for name, _ in candidate_modules(cfg):
         stem, _, leaf = name.rpartition(".")
-        for group in FUSED:
+        for group in cfg.spec.fused:
             if leaf != group[0]:
                 continue
             members = [f"{stem}.{m}" for m in group]

@@ -36,14 +36,14 @@ class _HeaderReader:
 
 
 def check(view: CheckpointView, tp: int = 1) -> list[Reason]:
-    from quantkit.model.config import ErnieMoeConfig
+    from quantkit.model.config import MoeConfig
     from quantkit.model.loader import build_skeleton, check_names, expected_tensors
 
     if tp != 1:
         return [Reason("tensor parallelism", "--tp", "quantkit.load runs a model on one device", SOURCE)]
     reader = _HeaderReader(view)
     try:
-        cfg = ErnieMoeConfig.from_dict(view.config)
+        cfg = MoeConfig.from_dict(view.config)
         skeleton = build_skeleton(cfg, view.qconfig, reader, "checkpoint")
         check_names(skeleton, cfg, reader.names(), "checkpoint")
     except QuantkitError as e:

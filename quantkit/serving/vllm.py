@@ -70,8 +70,8 @@ def vllm_layers(cfg) -> list[tuple[str, str, list[str], int | None]]:
                 (f"{p}.self_attn.o_proj", "row", [f"{p}.self_attn.o_proj"], cfg.num_attention_heads * cfg.head_dim)]
         mlps = []
         if cfg.is_moe_layer(i):
-            if cfg.moe_num_shared_experts:
-                mlps.append((f"{p}.mlp.shared_experts", cfg.moe_intermediate_size * cfg.moe_num_shared_experts))
+            if cfg.shared_width:
+                mlps.append((f"{p}.mlp.shared_experts", cfg.shared_width))
             experts = [f"{p}.mlp.experts.{e}.{x}_proj" for e in range(cfg.moe_num_experts) for x in ("gate", "up", "down")]
             out.append((f"{p}.mlp.experts", "moe", experts, cfg.moe_intermediate_size))
         else:
@@ -88,14 +88,14 @@ def _key(w: dict) -> tuple:
 
 
 def check(view: CheckpointView, tp: int = 1) -> list[Reason]:
-    from quantkit.model.config import ErnieMoeConfig
+    from quantkit.model.config import MoeConfig
 
     archs = view.config.get("architectures") or []
     if not any(a in ARCHITECTURES for a in archs):
         return [Reason("architecture", "config.json architectures", f"{archs or 'none'}: vLLM's ERNIE-4.5-MoE is "
                        f"{ARCHITECTURES[0]}", SRC["arch"])]
     try:
-        cfg = ErnieMoeConfig.from_dict(view.config)
+        cfg = MoeConfig.from_dict(view.config)
     except QuantkitError as e:
         return [Reason("config", "config.json", str(e), SRC["arch"])]
     reasons = _tp_heads(cfg, tp)

@@ -6,6 +6,8 @@ fetched through huggingface_hub (``sources/hub.py``).
 Built-in names:
   ``random:ernie-tiny``                 tiny random ERNIE-4.5-MoE (tests)
   ``random:ernie-21b-a3b?layers=N``     21B-A3B dimensions, random weights, N layers (default 2), sharded
+  ``random:<family>-tiny``              tiny random model of another family, in its Hub layout: qwen3-moe-tiny,
+                                        qwen2-moe-tiny, mixtral-tiny, olmoe-tiny, glm4-moe-tiny (tests)
   ``demo:smollm2-moe``                  real-weights ERNIE-4.5-MoE built from SmolLM2-135M
   ``demo:smollm2-dense``                the same SmolLM2 as a dense ERNIE (the demo's reference)
 
@@ -85,7 +87,16 @@ def _random(spec: str) -> Path:
             f"random/ernie-21b-a3b-L{layers}-v{RANDOM_VERSION}",
             lambda out: write_random_checkpoint(out, dims, seed=0, dtype="bfloat16", max_shard_bytes=1 << 30, progress=progress),
         )
-    raise UsageError(f"unknown random model {spec!r}: use ernie-tiny or ernie-21b-a3b?layers=N")
+    from quantkit.sources.random_families import RANDOM_FAMILIES_VERSION, TINY, write_family_checkpoint
+
+    if name in TINY:
+        if opts:
+            raise UsageError(f"random:{name} takes no options, got {query!r}")
+        return _build_cached(
+            f"random/{name}-v{RANDOM_FAMILIES_VERSION}",
+            lambda out: write_family_checkpoint(out, name, seed=0, dtype="float32", max_shard_bytes=1 << 30),
+        )
+    raise UsageError(f"unknown random model {spec!r}: use ernie-tiny, ernie-21b-a3b?layers=N or one of {', '.join(TINY)}")
 
 
 def _demo(spec: str) -> Path:

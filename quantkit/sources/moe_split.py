@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from quantkit.model.config import ErnieMoeConfig
+from quantkit.model.config import MoeConfig
 from quantkit.model.layers import SparseMoeBlock, route
 
 
@@ -41,7 +41,7 @@ def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tenso
     return F.silu(x @ gate.T) * (x @ up.T)
 
 
-def _moe_block(t: dict, cfg: ErnieMoeConfig) -> SparseMoeBlock:
+def _moe_block(t: dict, cfg: MoeConfig) -> SparseMoeBlock:
     """The model's MoE block holding tensors ``t`` (per-expert names relative to ``mlp.``)."""
     block = SparseMoeBlock(cfg)
     state = {n: v for n, v in t.items() if not n.startswith("experts.")}
@@ -172,7 +172,7 @@ def _refit_downs(act, groups, idx, wts, y, downs, ridge: float) -> list[torch.Te
     return list(W.T.split([len(g) for g in groups], dim=1))
 
 
-def split_ffn(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor, r: Recipe, cfg: ErnieMoeConfig,
+def split_ffn(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor, r: Recipe, cfg: MoeConfig,
               gen: torch.Generator) -> tuple[dict, dict, torch.Tensor]:
     """Split a SwiGLU FFN into shared + routed experts and fit the router (smollm2_moe docstring, 1-5).
 

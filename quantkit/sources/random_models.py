@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from quantkit.format.writer import ShardWriter
-from quantkit.model.config import ErnieMoeConfig
+from quantkit.model.config import MoeConfig
 
 RANDOM_VERSION = 1
 
@@ -42,7 +42,7 @@ def hf_config(dims: dict, dtype: str) -> dict:
     }
 
 
-def layer_tensors(cfg: ErnieMoeConfig, idx: int, gen: torch.Generator, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def layer_tensors(cfg: MoeConfig, idx: int, gen: torch.Generator, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Hub-layout tensors of decoder layer ``idx`` drawn from ``gen``."""
     H, D = cfg.hidden_size, cfg.head_dim
     p = f"model.layers.{idx}"
@@ -83,7 +83,7 @@ def write_random_checkpoint(out: Path, dims: dict, *, seed: int, dtype: str, max
     from quantkit.sources.byte_tokenizer import write_byte_tokenizer
 
     config = hf_config(dims, dtype)
-    cfg = ErnieMoeConfig.from_dict(config)
+    cfg = MoeConfig.from_dict(config)
     tdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     gen = torch.Generator().manual_seed(seed)
     writer = ShardWriter(out, max_shard_bytes)

@@ -57,7 +57,7 @@ from pathlib import Path
 import torch
 
 from quantkit.errors import UsageError
-from quantkit.model.config import ErnieMoeConfig
+from quantkit.model.config import MoeConfig
 from quantkit.model.layers import Attention, RotaryEmbedding, rms_norm
 from quantkit.sources.gguf_llama import GGUFLlama, read_gguf_llama
 from quantkit.sources.moe_split import Recipe, split_ffn, swiglu
@@ -65,7 +65,7 @@ from quantkit.sources.moe_split import Recipe, split_ffn, swiglu
 RECIPE_VERSION = 3
 
 
-def _attention(cfg: ErnieMoeConfig, layer: int, w: dict) -> Attention:
+def _attention(cfg: MoeConfig, layer: int, w: dict) -> Attention:
     """Layer ``layer``'s attention as the model's own module, holding the source weights."""
     att = Attention(cfg, layer)
     p = f"model.layers.{layer}.self_attn."
@@ -197,7 +197,7 @@ def build_smollm2_moe(out_dir: Path, recipe: Recipe | None = None) -> dict:
     ids = _calibration_ids(src.tokenizer, r)  # [S, T]
     out = {n: t for n, t in w.items() if ".mlp." not in n or ".layers.0." in n}  # ERNIE keeps layer 0 dense
     layers = []
-    cfg = ErnieMoeConfig.from_dict(_config(src, r, moe=True))
+    cfg = MoeConfig.from_dict(_config(src, r, moe=True))
     cos, sin = RotaryEmbedding(hp.head_dim, hp.rope_theta)(torch.arange(r.seq_len))
     eps = hp.rms_norm_eps
     with torch.no_grad():

@@ -75,6 +75,11 @@ def rotate_checkpoint(src: str | Path, dst: str | Path, seed: int = 0) -> Path:
     cfg = json.loads((src / "config.json").read_text())
     if "quantization_config" in cfg:
         raise UsageError(f"{src} is quantized; rotate the original checkpoint, then quantize the rotated one")
+    from quantkit.model.config import MoeConfig
+
+    arch = MoeConfig.from_dict(cfg).arch
+    if arch != "ernie":  # READS / WRITES name ERNIE's tensors; other families' readers of the residual differ
+        raise UsageError(f"{src}: the rotation supports ERNIE-4.5-MoE checkpoints only, not {arch}")
     if cfg.get("use_bias"):
         raise UsageError(f"{src}: linears with biases are not supported by the rotation")
     files = sorted(src.glob("*.safetensors"))

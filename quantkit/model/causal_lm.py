@@ -1,4 +1,6 @@
-"""ERNIE-4.5-MoE causal LM as a plain ``torch.nn.Module``: ``model(input_ids) -> logits [B, T, V]``."""
+"""An MoE causal LM of any family in ``quantkit.model.arch`` as a plain ``torch.nn.Module``:
+``model(input_ids) -> logits [B, T, V]``. The family's ``ArchSpec.attention`` picks the attention layer from
+``ATTENTION_LAYERS`` (DeepSeek-V3's multi-head latent attention is one more entry: 'mla')."""
 
 from __future__ import annotations
 
@@ -6,17 +8,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantkit.model.config import ErnieMoeConfig
-from quantkit.model.layers import MLP, Attention, KVCache, RMSNorm, RotaryEmbedding, SparseMoeBlock
+from quantkit.model.config import MoeConfig
+from quantkit.model.layers import (
+    MLP,
+    Attention,
+    KVCache,
+    RMSNorm,
+    RotaryEmbedding,
+    SparseMoeBlock,
+)
+
+ATTENTION_LAYERS = {"gqa": Attention}  # ArchSpec.attention -> module class, built as cls(cfg, layer_idx)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ErnieMoeConfig, idx: int):
+    def __init__(self, cfg: MoeConfig, idx: int):
         super().__init__()
         self.idx = idx
         self.is_moe = cfg.is_moe_layer(idx)
-        self.self_attn = Attention(cfg, idx)
-        self.mlp = SparseMoeBlock(cfg) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size, cfg.use_bias)
+        self.self_attn = ATTENTION_LAYERS[cfg.spec.attention](cfg, idx)
+        self.mlp = SparseMoeBlock(cfg) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -25,23 +36,23 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class ErnieBody(nn.Module):
+class MoeBody(nn.Module):
     """The ``model.*`` part of the checkpoint: embeddings, decoder layers, final norm."""
 
-    def __init__(self, cfg: ErnieMoeConfig):
+    def __init__(self, cfg: MoeConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class ErnieMoeForCausalLM(nn.Module):
-    def __init__(self, cfg: ErnieMoeConfig):
+class MoeForCausalLM(nn.Module):
+    def __init__(self, cfg: MoeConfig):
         super().__init__()
         self.config = cfg
-        self.model = ErnieBody(cfg)
+        self.model = MoeBody(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.rotary = rotary_embedding(cfg)
 
     # -- pieces the layer-by-layer pipeline calls one at a time ------------------------------------
     def rope(self, start: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,6 +110,14 @@ class ErnieMoeForCausalLM(nn.Module):
                 break
             step_input = nxt[:, None]
         return ids
+
+
+def rotary_embedding(cfg: MoeConfig) -> RotaryEmbedding:
+    """The cos/sin tables of a config: its rotary dims, theta and style."""
+    return RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rope_style)
+
+
+ErnieMoeForCausalLM = MoeForCausalLM  # the name before the architecture specs (issue 14)
 
 
 def _sample(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:

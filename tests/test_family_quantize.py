@@ -1,0 +1,99 @@
+"""Each new family end to end: ``random:<family>-tiny`` (Hub layout) -> GPTQ w4 -> a checkpoint under the family's
+Hub names (compressed-tensors targets included) -> ``quantkit.load`` (logits equal the source with dequantized
+weights) -> perplexity. Mixtral, whose names differ most from the canonical ones, also goes through the CLI."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from dequant_reference import dequantized_reference
+from safetensors import safe_open
+
+import quantkit
+from quantkit.evals.perplexity import evaluate_perplexity
+from quantkit.nn.quantized import QuantExperts, QuantLinear
+from quantkit.pipeline.quantize import CalibOptions, QuantizeOptions, quantize
+from quantkit.quant.config import BUILTIN_RECIPES
+
+OPTS = QuantizeOptions(progress=False, calib=CalibOptions(data="sotu:train", samples=4, seq_len=64))
+# family source -> (a routed-expert tensor, a renamed or family-only tensor, the number of quantized 2-D linears)
+EXPECT = {
+    "qwen3-moe-tiny": ("model.layers.1.mlp.experts.7.down_proj.weight_packed", "model.layers.1.self_attn.q_norm.weight", 3 * 4 + 3),
+    "qwen2-moe-tiny": ("model.layers.2.mlp.experts.0.gate_proj.weight_packed",
+                       "model.layers.1.mlp.shared_expert.up_proj.weight_packed", 3 * 4 + 3 + 2 * 3),
+    "mixtral-tiny": ("model.layers.0.block_sparse_moe.experts.7.w1.weight_packed", "model.layers.0.block_sparse_moe.gate.weight", 3 * 4),
+    "olmoe-tiny": ("model.layers.2.mlp.experts.3.up_proj.weight_packed", "model.layers.0.self_attn.k_norm.weight", 3 * 4),
+    "glm4-moe-tiny": ("model.layers.1.mlp.experts.5.up_proj.weight_packed",
+                      "model.layers.1.mlp.gate.e_score_correction_bias", 3 * 4 + 3 + 2 * 3),
+}
+
+
+@pytest.mark.parametrize("source", sorted(EXPECT))
+def test_family_gptq_quantize_load_and_perplexity(tmp_path, source):
+    src, out = f"random:{source}", tmp_path / "q"
+    quantize(src, out, BUILTIN_RECIPES["w4g128"].with_method("gptq"), OPTS)
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    expert, special, n_linear = EXPECT[source]
+    assert expert in keys and special in keys
+    assert not any(".experts." in k and k.endswith(".weight") for k in keys)  # every routed expert quantized
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    targets = [t[3:] for g in qc["config_groups"].values() for t in g["targets"]]
+    packed = {k[: -len(".weight_packed")] for k in keys if k.endswith(".weight_packed")}
+    assert all(any(__import__("re").match(t, p) for t in targets) for p in packed)  # targets name the Hub linears
+
+    q = quantkit.load(out)
+    assert sum(isinstance(m, QuantLinear) for m in q.modules()) == n_linear
+    assert sum(isinstance(m, QuantExperts) for m in q.modules()) == len(q.config.moe_layers)
+    ref = dequantized_reference(q, src)
+    ids = torch.randint(0, 320, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (q(ids) - ref(ids)).abs().max().item() <= 1e-5
+    r = evaluate_perplexity(str(out), "sotu:test", seq_len=64, max_windows=2, progress=False)
+    assert r.windows == 2 and math.isfinite(r.perplexity) and r.perplexity > 1
+
+
+def test_mixtral_through_the_cli(tmp_path):
+    out = tmp_path / "q"
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "quantkit.cli", *args], capture_output=True, text=True, check=False)
+
+    r = run("quantize", "random:mixtral-tiny", "-o", str(out), "--method", "gptq", "--calib", "sotu:train",
+            "--calib-samples", "4", "--calib-seq-len", "64")
+    assert r.returncode == 0, r.stderr
+    r = run("eval", "perplexity", str(out), "--data", "sotu:test", "--seq-len", "64", "--max-windows", "2",
+            "--json", str(tmp_path / "ppl.json"))
+    assert r.returncode == 0, r.stderr
+    assert math.isfinite(json.loads((tmp_path / "ppl.json").read_text())["perplexity"])
+
+
+@pytest.mark.parametrize("source", ["qwen3-moe-tiny", "glm4-moe-tiny"])
+def test_triton_backend_matches_torch(source):
+    """The Triton backend (interpreter off-GPU) on families whose routing / RoPE variants still take the torch path
+    in this branch (dispatch.route / dispatch.rope fall back) and whose q/k norms use the RMSNorm kernel."""
+    src = f"random:{source}"
+    ids = torch.randint(0, 320, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = quantkit.load(src, backend="torch")(ids)
+        model = quantkit.load(src, backend="triton")
+        assert model.model.layers[1].self_attn.q_norm.backend == "triton"
+        got = model(ids)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("source", sorted(EXPECT))
+def test_transformers_reads_the_w4_output_with_our_logits(tmp_path, source):
+    """The writer's Hub names and compressed-tensors targets, read by transformers' own loader (its per-family
+    weight converters and ``CompressedTensorsHfQuantizer``): the same logits as quantkit's."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "q"
+    quantize(f"random:{source}", out, BUILTIN_RECIPES["w4g128"], QuantizeOptions(progress=False))
+    ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(0, 320, (1, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ref(ids).logits - quantkit.load(out)(ids)).abs().max().item() <= 1e-5
