@@ -114,7 +114,7 @@ def apply_budget(ckpt: Checkpoint, recipe: Recipe, options) -> tuple[Recipe, dic
                          f"{recipe.name!r} puts no routed experts in the trellis code (use w2trellis or a recipe "
                          "file with format: trellis)")
     groups = _units(entries)
-    size = {u: {k: sum(s.nbytes for e in es for s in trellis_fmt.module_specs(e.module, e.shape, k)) for k in BITS}
+    size = {u: {k: sum(s.nbytes for e in es for s in trellis_fmt.module_specs(e.module, e.shape, k, ckpt.config.spec)) for k in BITS}
             for u, es in groups.items()}
     weights = {u: sum(e.shape[0] * e.shape[1] * e.shape[2] for e in es) for u, es in groups.items()}
     lo, hi = budget_bounds([Unit(u, weights[u], size[u], {}) for u in groups])
