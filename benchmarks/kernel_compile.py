@@ -31,6 +31,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gpu_common as gc  # noqa: E402
 from kernels import DENSE, MOE  # noqa: E402
 
+
+def _routers() -> dict:
+    from quantkit.model.routers import RouterSpec
+
+    # each family's router as its Hub config has it (expert counts and top-k of the released models)
+    return {"ernie": RouterSpec(top_k=MOE["top_k"], num_experts=MOE["experts"], has_bias=True, norm_min=1e-12),
+            "mixtral": RouterSpec(top_k=2, num_experts=8),
+            "qwen3-moe": RouterSpec(top_k=8, num_experts=128),
+            "olmoe": RouterSpec(top_k=8, num_experts=64, renormalize=False),
+            "glm-4.5": RouterSpec(top_k=8, num_experts=160, scoring="sigmoid", has_bias=True, routed_scaling_factor=2.5),
+            "deepseek-v3": RouterSpec(top_k=8, num_experts=256, scoring="sigmoid", has_bias=True, n_group=8, topk_group=4,
+                                      routed_scaling_factor=2.5)}
+
+
+ROUTERS = _routers()
 SMEM_PER_SM, SMEM_PER_BLOCK, SMEM_RESERVED = 228 * 1024, 227 * 1024, 1024
 REGS_PER_SM, REG_UNIT, WARPS_PER_SM, BLOCKS_PER_SM = 65536, 256, 64, 32
 
@@ -150,6 +165,13 @@ def launch_variants(ms: list[int], quick: bool) -> list[dict]:
         cos = torch.zeros(m, 128)
         for heads in (20, 4):
             pointwise.rope(torch.zeros(1, m, heads, 128, dtype=bf).transpose(1, 2), cos, cos)
+    for name, style, d, r in (("rope rotate-half (Qwen, Mixtral)", "half", 128, 128),
+                              ("rope partial (GLM-4.5)", "half", 128, 64),
+                              ("rope MLA rope part (DeepSeek-V3)", "interleaved", 64, 64)):
+        for m in ms:
+            context.update(layer=name, format="bf16", m=m, n=None, k=None)
+            pointwise.rope(torch.zeros(1, m, 8, d, dtype=bf).transpose(1, 2), torch.zeros(m, r), torch.zeros(m, r),
+                           style=style, rotary_dim=r)
     moe_formats = {"w4g128": lambda n, k: gc.int_weight((e,), n, k, dev),
                    "w2code": lambda n, k: gc.code2_weight((e,), n, k, dev),
                    "w2trellis": lambda n, k: gc.trellis_weight((e,), n, k, dev)}
@@ -164,9 +186,16 @@ def launch_variants(ms: list[int], quick: bool) -> list[dict]:
             context.update(layer=f"MoE E{e} top{top_k}", format=fmt, m=m, n=None, k=None)
             x = torch.zeros(m, hdim, dtype=bf)
             if fmt == "w4g128":  # the routing kernel does not depend on the experts' format
-                routing.route(x, torch.zeros(e, hdim), torch.zeros(1, e), top_k, 1e-12)
+                routing.route(x, torch.zeros(e, hdim), torch.zeros(1, e), ROUTERS["ernie"])
             moe = trellis_moe if fmt == "w2trellis" else fused_moe.fused_moe
             moe(x, ids, weights, *ws, add=torch.zeros(m, hdim, dtype=bf))  # + the shared experts
+    for name, spec in ROUTERS.items():  # every family's router variant (a constexpr specialisation) at H = 2560
+        if name == "ernie":
+            continue
+        for m in ms:
+            context.update(layer=f"router {name}", format="fp32", m=m, n=None, k=None)
+            routing.route(torch.zeros(m, hdim, dtype=bf), torch.zeros(spec.num_experts, hdim),
+                          torch.zeros(spec.num_experts), spec)
     return log
 
 
@@ -186,11 +215,15 @@ def live_programs(rec: dict) -> int:
 def describe(rec: dict) -> str:
     a = rec["args"]
     if rec["kernel"] == "_route_kernel":
-        return f"bt{a['BT']} be{a['BE']} bh{a['BH']} split{a['SPLIT']} top{a['TOP_K']} w{a['num_warps']}"
+        groups = f" groups{a['TOPK_GROUP']}/{a['N_GROUP']}" if a["N_GROUP"] > 1 else ""
+        return (f"bt{a['BT']} be{a['BE']} bh{a['BH']} split{a['SPLIT']} top{a['TOP_K']}"
+                f" {'sigmoid' if a['SIGMOID'] else 'softmax'}{' +bias' if a['HAS_BIAS'] else ''}"
+                f" norm-{('none', 'sum', 'clamp')[a['NORM']]}{groups}{' scaled' if a['SCALE'] else ''} w{a['num_warps']}")
     if rec["kernel"] == "_rms_norm_kernel":
         return f"bh{a['BH']} w{a['num_warps']}"
     if rec["kernel"] == "_rope_kernel":
-        return f"half{a['HALF']} w{a['num_warps']}"
+        return (f"{'rotate-half' if a['ROTATE_HALF'] else 'interleaved'} half{a['HALF']}"
+                f"{' pass' + str(a['PASS']) if a['PASS'] else ''} w{a['num_warps']}")
     if rec["kernel"] == "_align_kernel":
         return f"bm{a['BM']} be{a['BE']} ch{a['CH']} w{a['num_warps']}"
     if rec["kernel"] == "_combine_kernel":

@@ -108,11 +108,13 @@ def moe_rows(device: str, ms: list[int], dims: dict) -> list[dict]:
     from quantkit.kernels.dispatch import fused_moe
     from quantkit.kernels.routing import route as triton_route
     from quantkit.model.layers import MLP, Experts, route
+    from quantkit.model.routers import RouterSpec
 
     e, top_k, hdim, inter, shared = dims["experts"], dims["top_k"], dims["hidden"], dims["inter"], dims["shared"]
     bf = torch.bfloat16
     router = torch.randn(e, hdim, device=device) * 0.5 / hdim**0.5
     bias = torch.zeros(1, e, device=device)
+    spec = RouterSpec(top_k=top_k, num_experts=e, has_bias=True, norm_min=1e-12)  # ERNIE's router
     experts = Experts(e, hdim, inter).to(device, bf)
     mlp = MLP(hdim, shared).to(device, bf)
     with torch.no_grad():
@@ -135,11 +137,11 @@ def moe_rows(device: str, ms: list[int], dims: dict) -> list[dict]:
         return experts(x, ids, w) + mlp(x)
 
     def layer_grouped(x):  # the routing kernel as in layer_q: the two differ only in the experts' weights
-        ids, w = triton_route(x, router, bias, top_k, 1e-12)
+        ids, w = triton_route(x, router, bias, spec)
         return gc.grouped_moe_bf16(x, ids, w, experts) + mlp(x)
 
     def layer_q(x, ws):  # as SparseMoeBlock runs with backend triton: routing kernel, shared output into the combine
-        ids, w = triton_route(x, router, bias, top_k, 1e-12)
+        ids, w = triton_route(x, router, bias, spec)
         return fused_moe(x, ids, w, *ws, "triton", add=shared_q(x))
 
     check = torch.randn(3, hdim, device=device).to(bf)  # the grouped baseline computes the same layer as the loop

@@ -43,6 +43,12 @@ def test_kernels_compile_for_sm90(tmp_path):
     assert {"_route_kernel", "_combine_kernel", "_align_kernel"} <= kernels
     configs = {v["config"] for v in variants}
     assert any("split" in c for c in configs) and any("scale-in-tile" in c for c in configs)
+    # every family's router variant and the RoPE variants (rotate-half, partial) are compiled and checked too
+    routers = {r["layer"] for r in launches if r["kernel"] == "_route_kernel"}
+    assert {f"router {n}" for n in ("mixtral", "qwen3-moe", "olmoe", "glm-4.5", "deepseek-v3")} <= routers
+    assert any("sigmoid +bias" in c and "groups4/8 scaled" in c for c in configs)
+    assert any("norm-clamp" in c for c in configs) and any("norm-none" in c for c in configs)
+    assert any(c.startswith("rotate-half") and "pass" in c for c in configs)
     for v in variants:
         assert v["local_bytes"] == 0 and v["stack_bytes"] == 0
         assert 0 < v["regs"] < 255 and v["blocks_per_sm"] >= 1, v

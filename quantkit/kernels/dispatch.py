@@ -164,17 +164,14 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
 def route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor | None, spec, backend: str
           ) -> tuple[torch.Tensor, torch.Tensor]:
     """The one routing entry: x [T, H], gate_weight [E, H] fp32, bias (``spec.has_bias``) -> (topk_ids [T, k] int64,
-    topk_weights [T, k] fp32) for ``spec`` (a ``routers.RouterSpec``). The Triton kernel takes ERNIE-like specs
-    (softmax, correction bias, renormalised with a clamp, no groups, no scaling); the kernel variants for the other
-    routers come from issue14-mla (``kernels/routing.py``), so until they land those specs run the torch route."""
-    from quantkit.model.routers import route as torch_route
-
-    ernie_like = (spec.scoring == "softmax" and spec.has_bias and spec.renormalize and spec.norm_min > 0
-                  and spec.n_group == 1 and spec.routed_scaling_factor == 1.0)
-    if backend == "triton" and ernie_like:
+    topk_weights [T, k] fp32) for ``spec`` (a ``routers.RouterSpec``): one Triton launch for every spec when
+    ``backend`` is triton (``kernels/routing.py``), else ``routers.route``."""
+    if backend == "triton":
         from quantkit.kernels.routing import route as triton_route
 
-        return triton_route(x, gate_weight, bias, spec.top_k, spec.norm_min)
+        return triton_route(x, gate_weight, bias, spec)
+    from quantkit.model.routers import route as torch_route
+
     return torch_route(x, gate_weight, bias, spec)
 
 
@@ -190,14 +187,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str) ->
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str, style: str = "interleaved") -> torch.Tensor:
-    """``layers.apply_rope`` (x [B, heads, T, D], cos/sin [T, R]): one Triton launch when ``backend`` is triton, the
-    style is interleaved over the whole head and the kernel takes the head dim; else the torch ops (rotate-half and
-    partial rotary kernels come from issue14-mla)."""
-    if backend == "triton" and style == "interleaved" and cos.shape[-1] == x.shape[-1]:
+    """``layers.apply_rope`` (x [B, heads, T, D], cos/sin [T, R], R <= D rotate, the rest pass): one Triton launch when
+    ``backend`` is triton and the kernel takes the dims (``pointwise.rope_reads``), else the torch ops."""
+    if backend == "triton":
         from quantkit.kernels import pointwise
 
-        if pointwise.rope_reads(x.shape[-1]):
-            return pointwise.rope(x, cos, sin)
+        if pointwise.rope_reads(x.shape[-1], cos.shape[-1]):
+            return pointwise.rope(x, cos, sin, style, cos.shape[-1])
     from quantkit.model.layers import apply_rope
 
     return apply_rope(x, cos, sin, style)

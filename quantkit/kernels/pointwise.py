@@ -1,5 +1,7 @@
-"""RMSNorm and ERNIE's interleaved RoPE as one Triton launch each; the twins are ``layers.rms_norm`` and
-``layers.apply_rope``.
+"""RMSNorm and RoPE (interleaved as ERNIE, or rotate-half as GPT-NeoX, optionally partial as GLM) as one Triton
+launch each; the twins are ``layers.rms_norm`` and ``layers.apply_rope`` (interleaved; the rotate-half and
+partial variants are tested against a float64 reference of transformers' ``rotate_half``). Per-head q/k
+RMSNorm (Qwen3) is ``rms_norm`` on the [B, heads, T, D] tensor: it normalises over the last dim.
 
 In torch each is six to eight small launches (casts, square, mean, rsqrt, products; stack, negate, products,
 sum), a few µs apiece in a decode step: two norms and two rotations per layer came to more launches than the
@@ -49,40 +51,64 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @triton.jit
-def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, HEADS, T, sb, sh, st, HALF: tl.constexpr,
-                 INTERPRET: tl.constexpr):
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, HEADS, T, sb, sh, st, HALF: tl.constexpr, D: tl.constexpr,
+                 ROTATE_HALF: tl.constexpr, PASS: tl.constexpr, PASS_P: tl.constexpr, INTERPRET: tl.constexpr):
+    """One program per (batch, head, token) row of D values: the first ``2 * HALF`` rotate in pairs (2i, 2i+1)
+    (interleaved) or (i, i + HALF) (``ROTATE_HALF``), the ``PASS`` after them are copied."""
     pid = tl.program_id(0)
     t = pid % T
     bh = pid // T
     src = x_ptr + (bh // HEADS).to(tl.int64) * sb + (bh % HEADS) * sh + t * st
     i = tl.arange(0, HALF)
-    even = tl.load(src + 2 * i).to(tl.float32)
-    odd = tl.load(src + 2 * i + 1).to(tl.float32)
-    c_e, c_o = tl.load(cos_ptr + t * 2 * HALF + 2 * i), tl.load(cos_ptr + t * 2 * HALF + 2 * i + 1)
-    s_e, s_o = tl.load(sin_ptr + t * 2 * HALF + 2 * i), tl.load(sin_ptr + t * 2 * HALF + 2 * i + 1)
-    dst = out_ptr + pid.to(tl.int64) * 2 * HALF
-    tl.store(dst + 2 * i, cast(even * c_e - odd * s_e, out_ptr.dtype.element_ty, INTERPRET))
-    tl.store(dst + 2 * i + 1, cast(odd * c_o + even * s_o, out_ptr.dtype.element_ty, INTERPRET))
+    if ROTATE_HALF:
+        ia, ib = i, i + HALF
+    else:
+        ia, ib = 2 * i, 2 * i + 1
+    a = tl.load(src + ia).to(tl.float32)
+    b = tl.load(src + ib).to(tl.float32)
+    c_a, c_b = tl.load(cos_ptr + t * 2 * HALF + ia), tl.load(cos_ptr + t * 2 * HALF + ib)
+    s_a, s_b = tl.load(sin_ptr + t * 2 * HALF + ia), tl.load(sin_ptr + t * 2 * HALF + ib)
+    dst = out_ptr + pid.to(tl.int64) * D
+    tl.store(dst + ia, cast(a * c_a - b * s_a, out_ptr.dtype.element_ty, INTERPRET))
+    tl.store(dst + ib, cast(b * c_b + a * s_b, out_ptr.dtype.element_ty, INTERPRET))
+    if PASS > 0:  # partial rotary: the rest of the head passes through unchanged
+        j = tl.arange(0, PASS_P)
+        keep = tl.load(src + 2 * HALF + j, mask=j < PASS)
+        tl.store(dst + 2 * HALF + j, keep.to(out_ptr.dtype.element_ty), mask=j < PASS)
 
 
-def rope_reads(head_dim: int) -> bool:
-    """Whether the RoPE kernel takes this head dim: an even power of two (one program's arange over pairs)."""
-    return head_dim >= 2 and head_dim & (head_dim - 1) == 0
+STYLES = ("interleaved", "half")
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, D] (any strides with a contiguous last dim), cos/sin [T, D] fp32 -> the rotated x
-    (contiguous, x's dtype), as ``layers.apply_rope``."""
+def rope_reads(head_dim: int, rotary_dim: int | None = None) -> bool:
+    """Whether the RoPE kernel takes this head dim and rotary dim (default: the whole head): the rotated part
+    a power of two of at least 2 (one program's arange over pairs), no wider than the head."""
+    r = head_dim if rotary_dim is None else rotary_dim
+    return 2 <= r <= head_dim and r & (r - 1) == 0
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str = "interleaved",
+         rotary_dim: int | None = None) -> torch.Tensor:
+    """x [B, heads, T, D] (any strides with a contiguous last dim), cos/sin [T, R] fp32 -> the rotated x
+    (contiguous, x's dtype). ``style`` 'interleaved' (ERNIE, GPT-J: pairs (2i, 2i+1), as ``layers.apply_rope``)
+    or 'half' (GPT-NeoX, Qwen, Mixtral, GLM: pairs (i, i + R/2), transformers' ``rotate_half``); only the first
+    ``rotary_dim`` = R (default D) of each head rotate, the rest pass through (GLM: R = D/2)."""
     b, heads, t, d = x.shape
-    if not rope_reads(d):
-        raise ValueError(f"the RoPE kernel needs an even power-of-two head dim, got {d}")
+    r = d if rotary_dim is None else rotary_dim
+    if style not in STYLES:
+        raise ValueError(f"RoPE style {style!r} is not one of {', '.join(STYLES)}")
+    if not rope_reads(d, r):
+        raise ValueError(f"the RoPE kernel needs an even power-of-two head dim (or rotary dim <= head dim), got "
+                         f"head dim {d}, rotary dim {r}")
     if x.stride(-1) != 1:
         x = x.contiguous()
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
-    if cos.shape != (t, d) or sin.shape != (t, d):
-        raise ValueError(f"cos/sin must be [{t}, {d}], got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    if cos.shape != (t, r) or sin.shape != (t, r):
+        raise ValueError(f"cos/sin must be [{t}, {r}], got {tuple(cos.shape)} and {tuple(sin.shape)}")
     out = dispatch.empty((b, heads, t, d), x.dtype, x.device)
     if out.numel():
         _rope_kernel[(b * heads * t,)](x, cos, sin, out, heads, t, x.stride(0), x.stride(1), x.stride(2),
-                                       HALF=d // 2, INTERPRET=INTERPRET, num_warps=1)
+                                       HALF=r // 2, D=d, ROTATE_HALF=style == "half", PASS=d - r,
+                                       PASS_P=triton.next_power_of_2(max(d - r, 1)), INTERPRET=INTERPRET,
+                                       num_warps=1)
     return out
