@@ -47,6 +47,9 @@ class ArchSpec:
     # besides the router and the LM head (e.g. Qwen2-MoE's ``mlp.shared_expert_gate``)
     ignored_tensors: str = r"(^|\.)mtp|rotary_emb\.inv_freq$"  # Hub tensors some releases carry and nobody reads
     extra_layers_ignored: bool = False                # tensors of layers >= num_hidden_layers (GLM's MTP layer) are ignored
+    ct_class_target: str = ""                         # regex over canonical paths under a layer: the config group
+    # holding those linears also gets the class target ``Linear``, for families whose vLLM loader looks their scheme
+    # up by a name no Hub-name regex matches (``serving/vllm.py::FAMILIES``: Mixtral's experts, OLMoE's attention)
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
