@@ -31,10 +31,22 @@ EXPECT = {
 }
 
 
+@pytest.fixture(scope="module")
+def gptq_out(tmp_path_factory):
+    """source -> its GPTQ w4g128 output, quantized once per module (every reader below reads the same files)."""
+    done = {}
+
+    def get(source):
+        if source not in done:
+            done[source] = tmp_path_factory.mktemp(source) / "q"
+            quantize(f"random:{source}", done[source], BUILTIN_RECIPES["w4g128"].with_method("gptq"), OPTS)
+        return done[source]
+    return get
+
+
 @pytest.mark.parametrize("source", sorted(EXPECT))
-def test_family_gptq_quantize_load_and_perplexity(tmp_path, source):
-    src, out = f"random:{source}", tmp_path / "q"
-    quantize(src, out, BUILTIN_RECIPES["w4g128"].with_method("gptq"), OPTS)
+def test_family_gptq_quantize_load_and_perplexity(gptq_out, source):
+    src, out = f"random:{source}", gptq_out(source)
     with safe_open(out / "model.safetensors", "pt") as f:
         keys = set(f.keys())
     expert, special, n_linear = EXPECT[source]
@@ -73,8 +85,8 @@ def test_mixtral_through_the_cli(tmp_path):
 
 @pytest.mark.parametrize("source", ["qwen3-moe-tiny", "glm4-moe-tiny"])
 def test_triton_backend_matches_torch(source):
-    """The Triton backend (interpreter off-GPU) on families whose routing / RoPE variants still take the torch path
-    in this branch (dispatch.route / dispatch.rope fall back) and whose q/k norms use the RMSNorm kernel."""
+    """The Triton backend (interpreter off-GPU) on families with rotate-half / partial RoPE, softmax and sigmoid-group
+    routers (the kernels' variants) and q/k norms (the RMSNorm kernel)."""
     src = f"random:{source}"
     ids = torch.randint(0, 320, (1, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -86,13 +98,19 @@ def test_triton_backend_matches_torch(source):
 
 
 @pytest.mark.parametrize("source", sorted(EXPECT))
-def test_transformers_reads_the_w4_output_with_our_logits(tmp_path, source):
+def test_vllm_rules_accept_the_gptq_output(gptq_out, source):
+    r = subprocess.run([sys.executable, "-m", "quantkit.cli", "check", str(gptq_out(source)), "--server", "vllm"],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("source", sorted(EXPECT))
+def test_transformers_reads_the_gptq_output_with_our_logits(gptq_out, source):
     """The writer's Hub names and compressed-tensors targets, read by transformers' own loader (its per-family
     weight converters and ``CompressedTensorsHfQuantizer``): the same logits as quantkit's."""
     from transformers import AutoModelForCausalLM
 
-    out = tmp_path / "q"
-    quantize(f"random:{source}", out, BUILTIN_RECIPES["w4g128"], QuantizeOptions(progress=False))
+    out = gptq_out(source)
     ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = torch.randint(0, 320, (1, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

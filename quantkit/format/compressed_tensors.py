@@ -152,7 +152,8 @@ def quantization_config(plan: Plan, spec: ArchSpec) -> dict:
     """The ``quantization_config`` block: one config group per distinct (rule, effective group);
     ``ignore`` lists the router, the LM head, the family's never-quantized linears (``arch.spec.always_ignored``),
     every candidate the recipe left unquantized and the modules in the 2-bit code (``format/wint2.py``;
-    described by its own key, not by compressed-tensors). Targets are Hub names."""
+    described by its own key, not by compressed-tensors). Targets are Hub names; a family's ``ct_class_target``
+    linears add the class target ``Linear`` to their group when they all share one."""
     ignore = always_ignored(spec) + [_role_regex(m, spec) for m in plan.unquantized]
     groups: dict[tuple, list[str]] = defaultdict(list)
     for e in plan.entries:
@@ -163,9 +164,14 @@ def quantization_config(plan: Plan, spec: ArchSpec) -> dict:
         key = (e.rule.bits, e.rule.symmetric, e.rule.group_size is None, e.group_size)
         groups[key].append(e.module)
     config_groups = {}
-    for i, ((bits, sym, channel, g), modules) in enumerate(sorted(groups.items(), key=lambda kv: kv[0])):
+    flagged = [k for k, modules in groups.items() if spec.ct_class_target and
+               any(re.search(r"^model\.layers\.\d+\.(?:" + spec.ct_class_target + ")", m) for m in modules)]
+    for i, (key, modules) in enumerate(sorted(groups.items(), key=lambda kv: kv[0])):
+        bits, sym, channel, g = key
+        # the class target reaches what names cannot; names win over it in every reader (vLLM, compressed-tensors)
+        extra = ["Linear"] if flagged == [key] else []
         config_groups[f"group_{i}"] = {
-            "targets": [_role_regex(m, spec) for m in modules],
+            "targets": [_role_regex(m, spec) for m in modules] + extra,
             "weights": _weights_args(bits, sym, channel, g),
             "input_activations": None, "output_activations": None, "format": "pack-quantized",
         }
@@ -182,11 +188,13 @@ def scheme_for(qconfig: dict, disk_name: str) -> tuple[int, bool] | None:
     for pat in qconfig.get("ignore") or []:
         if (pat.startswith("re:") and re.match(pat[3:], disk_name)) or pat == disk_name:
             return None
-    for group in (qconfig.get("config_groups") or {}).values():
-        for t in group.get("targets", []):
-            if t == "Linear" or (t.startswith("re:") and re.match(t[3:], disk_name)) or t == disk_name:
-                w = group["weights"]
-                if w.get("type", "int") != "int":
-                    raise ValueError(f"{disk_name}: weight type {w.get('type')} is not an integer format")
-                return int(w["num_bits"]), bool(w.get("symmetric", True))
+    groups = list((qconfig.get("config_groups") or {}).values())
+    by_name = [g for g in groups if any((t.startswith("re:") and re.match(t[3:], disk_name)) or t == disk_name
+                                        for t in g.get("targets", []))]
+    # a name or regex wins over a class target, in whichever group it is (as vLLM's find_matched_target)
+    for group in by_name or [g for g in groups if "Linear" in g.get("targets", [])]:
+        w = group["weights"]
+        if w.get("type", "int") != "int":
+            raise ValueError(f"{disk_name}: weight type {w.get('type')} is not an integer format")
+        return int(w["num_bits"]), bool(w.get("symmetric", True))
     return None

@@ -14,6 +14,7 @@ SPEC = ArchSpec(
     required=("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_local_experts", "num_experts_per_tok"),
     unsupported=(("sliding_window", None),),
+    ct_class_target=r"mlp\.experts\.",
     names=per_expert("block_sparse_moe.experts", gate="w1", up="w3", down="w2")
     + (("mlp.gate", "block_sparse_moe.gate"),),
 )

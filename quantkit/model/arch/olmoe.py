@@ -15,5 +15,6 @@ SPEC = ArchSpec(
     required=("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_experts", "num_experts_per_tok"),
     unsupported=(("clip_qkv", None),),
+    ct_class_target=r"self_attn\.",
     names=per_expert("mlp.experts"),
 )

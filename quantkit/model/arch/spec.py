@@ -55,6 +55,9 @@ class ArchSpec:
     extra_layers_ignored: bool = False                # tensors of layers >= num_hidden_layers (GLM's MTP layer) are ignored
     fused: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
     # canonical linear names (last component) that vLLM loads fused, so they must share one rule
+    ct_class_target: str = ""                         # regex over canonical paths under a layer: the config group
+    # holding those linears also gets the class target ``Linear``, for families whose vLLM loader looks their scheme
+    # up by a name no Hub-name regex matches (``serving/vllm.py::FAMILIES``: Mixtral's experts, OLMoE's attention)
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
