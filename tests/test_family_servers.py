@@ -58,3 +58,23 @@ def test_qwen3_router_must_be_ignored_and_tp_cannot_exceed_experts(rtn):
     assert reasons and {r.what for r in reasons} == {"router not ignored"}
     reasons = vllm.check(_view_with(rtn / "qwen3-moe-tiny", lambda q, c: None), tp=16)
     assert any(r.what == "tensor parallelism" and r.where == "num_experts" for r in reasons)
+
+
+@pytest.mark.parametrize("source", ["qwen3-moe-tiny", "mixtral-tiny"])
+def test_transformers_rules_refuse_what_transformers_refuses(tmp_path, source):
+    """Asymmetric int4 in a new family: transformers' own loader fails, and ``check --server transformers`` says so
+    (Mixtral's w1/w3/w2 experts are recognised as routed experts)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from quantkit.quant.config import Recipe, Rule
+    from quantkit.serving import CheckpointView, check
+
+    out = tmp_path / "q"
+    quantize(f"random:{source}", out, Recipe(name="w4g32-asym", rules=((".*", Rule(bits=4, group_size=32,
+                                                                                   symmetric=False)),)),
+             QuantizeOptions(progress=False))
+    assert check(CheckpointView.from_dir(out), "transformers")
+    hf_logging.set_verbosity_error()
+    with pytest.raises((RuntimeError, ValueError, AssertionError)):
+        AutoModelForCausalLM.from_pretrained(out, dtype="float32")

@@ -40,8 +40,10 @@ TF_DEQ = "transformers src/transformers/integrations/compressed_tensors.py::Comp
 TF_PICK = "transformers src/transformers/integrations/compressed_tensors.py::get_experts_scheme"
 TF_CONV = "transformers src/transformers/quantizers/base.py::HfQuantizer.update_weight_conversions"
 
-# On-disk routed-expert tensors: ``model.layers.L.mlp.experts.{e}.{proj}.{leaf}``.
-ROUTED = re.compile(r"^(?P<stem>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|up_gate_proj)\.(?P<leaf>\w+)$")
+# On-disk routed-expert tensors: ``model.layers.L.mlp.experts.{e}.{proj}.{leaf}`` (Mixtral:
+# ``block_sparse_moe.experts.{e}.w1/w3/w2``, which transformers' converter merges the same way).
+ROUTED = re.compile(r"^(?P<stem>.+\.(?:mlp|block_sparse_moe)\.experts)\.(?P<e>\d+)\."
+                    r"(?P<proj>gate_proj|up_proj|down_proj|up_gate_proj|w1|w2|w3)\.(?P<leaf>\w+)$")
 
 
 def _matches(target: str, name: str) -> bool:
