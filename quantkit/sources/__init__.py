@@ -8,6 +8,9 @@ Built-in names:
   ``random:ernie-21b-a3b?layers=N``     21B-A3B dimensions, random weights, N layers (default 2), sharded
   ``random:<family>-tiny``              tiny random model of another family, in its Hub layout: qwen3-moe-tiny,
                                         qwen2-moe-tiny, mixtral-tiny, olmoe-tiny, glm4-moe-tiny (tests)
+  ``random:<model>?layers=N``           another family at a real model's dimensions, N layers (default 2), bf16,
+                                        sharded (memory benchmark): qwen3-30b-a3b, qwen1.5-moe-a2.7b, mixtral-8x7b,
+                                        olmoe-1b-7b, glm4.5-air
   ``demo:smollm2-moe``                  real-weights ERNIE-4.5-MoE built from SmolLM2-135M
   ``demo:smollm2-dense``                the same SmolLM2 as a dense ERNIE (the demo's reference)
 
@@ -69,26 +72,22 @@ def _random(spec: str) -> Path:
             lambda out: write_random_checkpoint(out, ERNIE_TINY, seed=0, dtype="float32", max_shard_bytes=1 << 30),
         )
     if name == "ernie-21b-a3b":
-        unknown = set(opts) - {"layers"}
-        if unknown:
-            raise UsageError(f"random:ernie-21b-a3b: unknown option(s) {', '.join(sorted(unknown))} (known: layers)")
-        try:
-            layers = int(opts.get("layers", 2))
-        except ValueError:
-            raise UsageError(f"random:ernie-21b-a3b: layers must be an integer, got {opts['layers']!r}") from None
-        if not 1 <= layers <= 28:
-            raise UsageError(f"random:ernie-21b-a3b: layers must be in 1..28, got {layers}")
+        layers = _layers_option(name, opts, 28)
         dims = dict(ERNIE_21B_A3B, num_hidden_layers=layers)
-
-        def progress(i, n):
-            _log(f"  wrote layer {i}/{n}")
-
         return _build_cached(
             f"random/ernie-21b-a3b-L{layers}-v{RANDOM_VERSION}",
-            lambda out: write_random_checkpoint(out, dims, seed=0, dtype="bfloat16", max_shard_bytes=1 << 30, progress=progress),
+            lambda out: write_random_checkpoint(out, dims, seed=0, dtype="bfloat16", max_shard_bytes=1 << 30,
+                                                progress=_progress),
         )
-    from quantkit.sources.random_families import RANDOM_FAMILIES_VERSION, TINY, write_family_checkpoint
+    from quantkit.sources.random_families import REAL, RANDOM_FAMILIES_VERSION, TINY, write_family_checkpoint
 
+    if name in REAL:
+        layers = _layers_option(name, opts, 64)
+        return _build_cached(
+            f"random/{name}-L{layers}-v{RANDOM_FAMILIES_VERSION}",
+            lambda out: write_family_checkpoint(out, name, seed=0, dtype="bfloat16", max_shard_bytes=1 << 30,
+                                                layers=layers),
+        )
     if name in TINY:
         if opts:
             raise UsageError(f"random:{name} takes no options, got {query!r}")
@@ -96,7 +95,26 @@ def _random(spec: str) -> Path:
             f"random/{name}-v{RANDOM_FAMILIES_VERSION}",
             lambda out: write_family_checkpoint(out, name, seed=0, dtype="float32", max_shard_bytes=1 << 30),
         )
-    raise UsageError(f"unknown random model {spec!r}: use ernie-tiny, ernie-21b-a3b?layers=N or one of {', '.join(TINY)}")
+    raise UsageError(f"unknown random model {spec!r}: use ernie-tiny, ernie-21b-a3b?layers=N, one of {', '.join(TINY)} "
+                     f"or one of {', '.join(REAL)} with ?layers=N")
+
+
+def _layers_option(name: str, opts: dict, most: int) -> int:
+    """The ``?layers=N`` option of a real-dimension random source (default 2), checked."""
+    unknown = set(opts) - {"layers"}
+    if unknown:
+        raise UsageError(f"random:{name}: unknown option(s) {', '.join(sorted(unknown))} (known: layers)")
+    try:
+        layers = int(opts.get("layers", 2))
+    except ValueError:
+        raise UsageError(f"random:{name}: layers must be an integer, got {opts['layers']!r}") from None
+    if not 1 <= layers <= most:
+        raise UsageError(f"random:{name}: layers must be in 1..{most}, got {layers}")
+    return layers
+
+
+def _progress(i: int, n: int) -> None:
+    _log(f"  wrote layer {i}/{n}")
 
 
 def _demo(spec: str) -> Path:

@@ -48,11 +48,13 @@ TINY = {
 }
 
 
-def family_config(source: str, dtype: str) -> dict:
-    """The complete config.json of a tiny family source."""
-    arch, keys = TINY[source]
+def family_config(source: str, dtype: str, layers: int | None = None) -> dict:
+    """The complete config.json of a tiny family source, or of a real-dimension one (``REAL``) with ``layers``
+    decoder layers."""
+    arch, keys = TINY[source] if source in TINY else REAL[source]
     spec = get_spec(arch)
-    return {"architectures": [spec.architectures[0]], "model_type": spec.model_type, **_COMMON, **keys,
+    extra = {} if layers is None else {"num_hidden_layers": layers}
+    return {"architectures": [spec.architectures[0]], "model_type": spec.model_type, **_COMMON, **keys, **extra,
             "torch_dtype": dtype}
 
 
@@ -67,13 +69,15 @@ def _draw(name: str, shape: tuple[int, ...], gen: torch.Generator, hidden: int) 
     return torch.randn(shape, generator=gen) * 0.02
 
 
-def write_family_checkpoint(out: Path, source: str, *, seed: int, dtype: str, max_shard_bytes: int) -> None:
-    """Write config.json, weights (Hub names, per expert) and a byte-level tokenizer for ``source`` into ``out``."""
+def write_family_checkpoint(out: Path, source: str, *, seed: int, dtype: str, max_shard_bytes: int,
+                            layers: int | None = None) -> None:
+    """Write config.json, weights (Hub names, per expert) and a byte-level tokenizer for ``source`` into ``out``
+    (``layers``: the decoder layers of a real-dimension source). One parameter is drawn at a time."""
     from quantkit.model.causal_lm import MoeForCausalLM
     from quantkit.model.loader import FP32_PARAMS, model_tensors, source_names
     from quantkit.sources.byte_tokenizer import write_byte_tokenizer
 
-    config = family_config(source, dtype)
+    config = family_config(source, dtype, layers)
     cfg = MoeConfig.from_dict(config)
     tdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     with torch.device("meta"):
@@ -89,3 +93,34 @@ def write_family_checkpoint(out: Path, source: str, *, seed: int, dtype: str, ma
     writer.close()
     (out / "config.json").write_text(json.dumps(config, indent=2))
     write_byte_tokenizer(out, bos_id=1, eos_id=2, pad_id=0)
+
+
+# Real dimensions, each from that model's Hub config.json, for the memory benchmark (``random:<name>?layers=N``,
+# bf16, sharded): the number of layers is the only thing cut.
+_ROPE = {"rope_type": "default", "rope_theta": 1000000.0}
+REAL = {
+    "qwen3-30b-a3b": ("qwen3_moe", dict(  # Qwen/Qwen3-30B-A3B
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_attention_heads=32,
+        num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=40960, attention_bias=False,
+        use_sliding_window=False)),
+    "qwen1.5-moe-a2.7b": ("qwen2_moe", dict(  # Qwen/Qwen1.5-MoE-A2.7B
+        vocab_size=151936, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
+        shared_expert_intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16, num_experts=60,
+        num_experts_per_tok=4, norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=True,
+        max_position_embeddings=8192, use_sliding_window=False)),
+    "mixtral-8x7b": ("mixtral", dict(  # mistralai/Mixtral-8x7B-v0.1
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=128, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768, rms_norm_eps=1e-5,
+        sliding_window=None)),
+    "olmoe-1b-7b": ("olmoe", dict(  # allenai/OLMoE-1B-7B-0924
+        vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_attention_heads=16, num_key_value_heads=16,
+        num_experts=64, num_experts_per_tok=8, norm_topk_prob=False, attention_bias=False, clip_qkv=None,
+        rms_norm_eps=1e-5, max_position_embeddings=4096, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "glm4.5-air": ("glm4_moe", dict(  # zai-org/GLM-4.5-Air
+        vocab_size=151552, hidden_size=4096, intermediate_size=10944, moe_intermediate_size=1408,
+        num_attention_heads=96, num_key_value_heads=8, head_dim=128, n_routed_experts=128, num_experts_per_tok=8,
+        n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, routed_scaling_factor=1.0,
+        norm_topk_prob=True, attention_bias=True, use_qk_norm=False, num_nextn_predict_layers=0, rms_norm_eps=1e-5,
+        max_position_embeddings=131072, rope_parameters={**_ROPE, "partial_rotary_factor": 0.5})),
+}
