@@ -115,3 +115,26 @@ def test_transformers_reads_the_gptq_output_with_our_logits(gptq_out, source):
     ids = torch.randint(0, 320, (1, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (ref(ids).logits - quantkit.load(out)(ids)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["mixtral", "glm4_moe"])
+def test_the_2bit_code_on_a_new_family_where_shapes_allow(tmp_path, family):
+    """w2code (routed experts in the 2-bit code, the rest w4g128) on transformers-built Mixtral / GLM-4.5 models whose
+    expert K is a multiple of 64 (the code's unit): loads, equals the dequantized source, only quantkit serves it."""
+    from hf_families import make_family_model
+
+    from quantkit.nn.code2 import Code2Stack
+    from quantkit.quant.config import get_recipe
+    from quantkit.serving import CheckpointView, check
+
+    width = {"mixtral": {"intermediate_size": 64}, "glm4_moe": {"moe_intermediate_size": 64}}[family]
+    make_family_model(family, hidden_size=64, **width).save_pretrained(tmp_path / "src")
+    quantize(str(tmp_path / "src"), tmp_path / "q", get_recipe("w2code"), QuantizeOptions(progress=False))
+    q = quantkit.load(tmp_path / "q")
+    assert sum(isinstance(m, Code2Stack) for m in q.modules()) == 3 * len(q.config.moe_layers)
+    ref = dequantized_reference(q, tmp_path / "src")
+    ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (q(ids) - ref(ids)).abs().max().item() <= 1e-5
+    view = CheckpointView.from_dir(tmp_path / "q")
+    assert check(view, "quantkit") == [] and check(view, "vllm")
