@@ -13,7 +13,7 @@ from quantkit.model.config import MoeConfig
 from quantkit.model.safetensors_io import CheckpointReader
 from quantkit.sources import resolve
 
-_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.(?:\w+\.)*experts\.(\d+)\.")  # mlp.experts, block_sparse_moe.experts
 
 
 def _role(name: str) -> str:
@@ -91,6 +91,7 @@ def inspect_checkpoint(src: str) -> dict:
         "format_version": meta.get("format_version"),
         "quantkit_version": meta.get("quantkit_version"),
         "recipe": (meta.get("recipe") or {}).get("name"),
+        "architecture": f"{cfg.spec.architectures[0]} ({cfg.spec.name})",
         "layers": cfg.num_hidden_layers,
         "experts_per_layer": {str(k): len(v) for k, v in sorted(experts_per_layer.items())},
         "quantized": {role: dict(c) for role, c in sorted(roles.items())},
@@ -109,6 +110,7 @@ def format_inspect(r: dict) -> str:
     lines = [f"{r['path']}", f"  format: {r['format']}" + (f" v{r['format_version']}" if r["format_version"] else "")
              + (f" (quantkit {r['quantkit_version']}, recipe {r['recipe']})" if r["quantkit_version"] else ""),
              f"  size: {r['tensor_bytes'] / 1e9:.3f} GB for {r['weights'] / 1e9:.3f} B weights = {r['bits_per_weight']:.3f} bits/weight",
+             f"  architecture: {r['architecture']}",
              f"  layers: {r['layers']}; routed experts per MoE layer: "
              + (", ".join(f"L{k}:{v}" for k, v in r["experts_per_layer"].items()) or "none")]
     if r.get("code2"):

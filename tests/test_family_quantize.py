@@ -138,3 +138,43 @@ def test_the_2bit_code_on_a_new_family_where_shapes_allow(tmp_path, family):
         assert (q(ids) - ref(ids)).abs().max().item() <= 1e-5
     view = CheckpointView.from_dir(tmp_path / "q")
     assert check(view, "quantkit") == [] and check(view, "vllm")
+
+
+@pytest.mark.parametrize("source", ["qwen2-moe-tiny", "mixtral-tiny", "glm4-moe-tiny"])
+def test_dry_run_resume_coverage_and_inspect_per_family(tmp_path, monkeypatch, source):
+    """--dry-run (the plan under Hub names, every server's verdict), a run that dies on its last layer resumed to the
+    bytes of an uninterrupted run, the coverage report (every routed expert's token count), and inspect."""
+    import quantkit.pipeline.quantize as pipeline
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "quantkit.cli", *args], capture_output=True, text=True, check=False)
+
+    src = f"random:{source}"
+    r = cli("quantize", src, "-o", str(tmp_path / "dry"), "--method", "gptq", "--dry-run")
+    assert r.returncode == 0 and "vllm" in r.stdout and not (tmp_path / "dry").exists(), r.stdout + r.stderr
+
+    recipe = BUILTIN_RECIPES["w4g128"].with_method("gptq")
+    quantize(src, tmp_path / "ref", recipe, OPTS)
+    real, last = pipeline.quantize_layer, f"model.layers.{quantkit.load(src).config.num_hidden_layers - 1}"
+
+    def dies_on_last(layer, prefix, *a, **k):
+        if prefix == last:
+            raise MemoryError("simulated")
+        return real(layer, prefix, *a, **k)
+
+    monkeypatch.setattr(pipeline, "quantize_layer", dies_on_last)
+    with pytest.raises(MemoryError):
+        quantize(src, tmp_path / "out", recipe, OPTS)
+    monkeypatch.setattr(pipeline, "quantize_layer", real)
+    quantize(src, tmp_path / "out", recipe, OPTS, resume_run=True)
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+
+    rep = json.loads((tmp_path / "out" / "quantize_report.json").read_text())
+    cfg = quantkit.load(src).config
+    moe = [entry for entry in rep["layers"] if entry["moe"]]
+    assert len(moe) == len(cfg.moe_layers)
+    assert all(len(entry["expert_tokens"]) == cfg.moe_num_experts and
+               sum(entry["expert_tokens"]) == OPTS.calib.samples * OPTS.calib.seq_len * cfg.moe_k for entry in moe)
+    r = cli("inspect", str(tmp_path / "out"))
+    assert r.returncode == 0 and cfg.spec.architectures[0] in r.stdout, r.stdout + r.stderr
