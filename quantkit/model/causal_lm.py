@@ -17,8 +17,14 @@ from quantkit.model.layers import (
     RotaryEmbedding,
     SparseMoeBlock,
 )
+from quantkit.model.mla import MlaRotaryEmbedding, MultiHeadLatentAttention
 
-ATTENTION_LAYERS = {"gqa": Attention}  # ArchSpec.attention -> module class, built as cls(cfg, layer_idx)
+
+def _mla(cfg: MoeConfig, idx: int) -> MultiHeadLatentAttention:
+    return MultiHeadLatentAttention(cfg.mla, idx)
+
+
+ATTENTION_LAYERS = {"gqa": Attention, "mla": _mla}  # ArchSpec.attention -> builder, called as f(cfg, layer_idx)
 
 
 class DecoderLayer(nn.Module):
@@ -112,8 +118,10 @@ class MoeForCausalLM(nn.Module):
         return ids
 
 
-def rotary_embedding(cfg: MoeConfig) -> RotaryEmbedding:
-    """The cos/sin tables of a config: its rotary dims, theta and style."""
+def rotary_embedding(cfg: MoeConfig) -> RotaryEmbedding | MlaRotaryEmbedding:
+    """The cos/sin tables of a config: its rotary dims, theta and style (MLA: its rope dims, yarn-scaled if set)."""
+    if cfg.spec.attention == "mla":
+        return MlaRotaryEmbedding(cfg.mla)
     return RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rope_style)
 
 

@@ -20,7 +20,7 @@ from quantkit.errors import UsageError
 
 ROPE_STYLES = ("interleaved", "half")  # GPT-J pairs (2i, 2i+1) | rotate-half pairs (i, i + D/2)
 QK_NORMS = ("none", "head", "proj")  # no q/k norm | RMSNorm over each head's D | over the whole q / k projection
-ATTENTIONS = ("gqa",)  # 'mla' (DeepSeek-V3) is the next entry: its own linears and norms
+ATTENTIONS = ("gqa", "mla")  # grouped-query | multi-head latent (DeepSeek-V3: quantkit.model.mla, its own linears)
 LAYER = re.compile(r"^(model\.layers\.\d+)\.(.+)$")
 
 
@@ -47,6 +47,7 @@ class ArchSpec:
     # besides the router and the LM head (e.g. Qwen2-MoE's ``mlp.shared_expert_gate``)
     ignored_tensors: str = r"(^|\.)mtp|rotary_emb\.inv_freq$"  # Hub tensors some releases carry and nobody reads
     extra_layers_ignored: bool = False                # tensors of layers >= num_hidden_layers (GLM's MTP layer) are ignored
+    rope_types: tuple[str, ...] = ("default",)        # rope_parameters / rope_scaling types the family's attention supports
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
