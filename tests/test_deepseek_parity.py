@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
+from hf_reference_deepseek import DEEPSEEK_VARIANTS, make_deepseek_model, save
 
 import quantkit
-from hf_reference_deepseek import DEEPSEEK_VARIANTS, make_deepseek_model, save
 from quantkit.errors import UsageError
 from quantkit.model.config import MoeConfig
 from quantkit.model.mla import MultiHeadLatentAttention

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from quantkit.errors import UsageError
 from quantkit.model.config import MoeConfig
+from quantkit.model.mla import mla_linears
 
 CONFIG_VERSION = 2  # 2: rules gained ``format``
 BITS = (2, 3, 4, 8)
@@ -289,7 +290,9 @@ def effective_group(group: int | None, k: int) -> tuple[int, str]:
     raise UsageError(f"no power-of-two group size <= {group} divides K={k}")
 
 
-FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# linears servers load as one (vLLM): q/k/v -> qkv_proj, gate/up -> gate_up_proj (dense MLP, shared experts),
+# MLA's q_a_proj + kv_a_proj_with_mqa -> fused_qkv_a_proj (DeepSeek with q_lora_rank)
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("q_a_proj", "kv_a_proj_with_mqa"))
 
 
 def candidate_modules(cfg: MoeConfig) -> list[tuple[str, tuple[int, ...]]]:
@@ -298,8 +301,11 @@ def candidate_modules(cfg: MoeConfig) -> list[tuple[str, tuple[int, ...]]]:
     out = []
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}"
-        out += [(f"{p}.self_attn.q_proj", (cfg.num_attention_heads * D, H)), (f"{p}.self_attn.k_proj", (cfg.num_key_value_heads * D, H)),
-                (f"{p}.self_attn.v_proj", (cfg.num_key_value_heads * D, H)), (f"{p}.self_attn.o_proj", (H, cfg.num_attention_heads * D))]
+        if cfg.spec.attention == "mla":
+            out += [(f"{p}.self_attn.{n}", shape) for n, shape in mla_linears(cfg.mla)]
+        else:
+            out += [(f"{p}.self_attn.q_proj", (cfg.num_attention_heads * D, H)), (f"{p}.self_attn.k_proj", (cfg.num_key_value_heads * D, H)),
+                    (f"{p}.self_attn.v_proj", (cfg.num_key_value_heads * D, H)), (f"{p}.self_attn.o_proj", (H, cfg.num_attention_heads * D))]
         if not cfg.is_moe_layer(i):
             I = cfg.intermediate_size
             out += [(f"{p}.mlp.gate_proj", (I, H)), (f"{p}.mlp.up_proj", (I, H)), (f"{p}.mlp.down_proj", (H, I))]
@@ -358,12 +364,13 @@ def make_plan(cfg: MoeConfig, recipe: Recipe) -> Plan:
             note += " (one group for the layer's routed experts, which servers load as one MoE)"
         entries.append(PlanEntry(name, shape, rule, g, note))
     by_name = {e.module: e for e in entries}
+    names = {name for name, _ in candidate_modules(cfg)}
     for name, _ in candidate_modules(cfg):
         stem, _, leaf = name.rpartition(".")
         for group in FUSED:
             if leaf != group[0]:
                 continue
-            members = [f"{stem}.{m}" for m in group]
+            members = [f"{stem}.{m}" for m in group if f"{stem}.{m}" in names]  # MLA's q_proj has no k/v
             kinds = {(by_name[m].rule.format, by_name[m].rule.bits, by_name[m].group_size, by_name[m].rule.symmetric)
                      if m in by_name else None for m in members}
             if len(kinds) > 1:

@@ -7,7 +7,8 @@ Built-in names:
   ``random:ernie-tiny``                 tiny random ERNIE-4.5-MoE (tests)
   ``random:ernie-21b-a3b?layers=N``     21B-A3B dimensions, random weights, N layers (default 2), sharded
   ``random:<family>-tiny``              tiny random model of another family, in its Hub layout: qwen3-moe-tiny,
-                                        qwen2-moe-tiny, mixtral-tiny, olmoe-tiny, glm4-moe-tiny (tests)
+                                        qwen2-moe-tiny, mixtral-tiny, olmoe-tiny, glm4-moe-tiny,
+                                        deepseek-v3-tiny (tests)
   ``demo:smollm2-moe``                  real-weights ERNIE-4.5-MoE built from SmolLM2-135M
   ``demo:smollm2-dense``                the same SmolLM2 as a dense ERNIE (the demo's reference)
 
