@@ -83,3 +83,49 @@ def test_unsupported_router_and_rope_are_refused():
         MoeConfig.from_dict(_config(topk_method="group_limited_greedy"))
     with pytest.raises(UsageError, match="rope type 'dynamic'"):
         MoeConfig.from_dict(_config(rope_parameters=None, rope_scaling={"type": "dynamic", "factor": 2.0}))
+
+
+# DeepSeek-V2 / V2-Lite: the same model with a softmax 'greedy' router (quantkit.model.arch.deepseek_v2)
+V2_TINY = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 16,
+           "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4, "q_lora_rank": None,
+           "kv_lora_rank": 12, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8, "n_routed_experts": 8,
+           "num_experts_per_tok": 2, "n_shared_experts": 2, "first_k_dense_replace": 1, "routed_scaling_factor": 1.0,
+           "topk_method": "greedy", "max_position_embeddings": 64, "bos_token_id": None, "eos_token_id": None,
+           "pad_token_id": None}
+V2_VARIANTS = {
+    "lite": {},  # V2-Lite: q_proj, greedy top-k, scaling 1
+    "q-lora-scaled": {"q_lora_rank": 16, "routed_scaling_factor": 16.0, "num_experts_per_tok": 3, "mlp_bias": True},
+    "yarn-tied-all-moe": {"first_k_dense_replace": 0, "tie_word_embeddings": True,
+                          "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                              "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
+                                              "mscale": 0.707, "mscale_all_dim": 0.707}},
+}
+
+
+def make_v2_model(variant: str, seed: int = 0):
+    from hf_reference_deepseek import _randomize
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    torch.manual_seed(seed)
+    return _randomize(DeepseekV2ForCausalLM(DeepseekV2Config(**(V2_TINY | V2_VARIANTS[variant]))), seed)
+
+
+@pytest.mark.parametrize("variant", sorted(V2_VARIANTS))
+def test_deepseek_v2_logits_and_greedy_match_transformers(tmp_path, variant):
+    ref = make_v2_model(variant, seed=len(variant))
+    sharded = variant == "lite"
+    save(ref, tmp_path, shard="20KB" if sharded else None)
+    ours = quantkit.load(tmp_path, dtype="float32")
+    assert ours.config.arch == "deepseek_v2"
+    ids = torch.randint(0, ref.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(ids) - ref(ids).logits).abs().max().item() <= 1e-4
+    prompt = ids[:1, :6]
+    expected_gen = ref.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    assert ours.generate(prompt, max_new_tokens=12, eos_token_id=[]).tolist() == expected_gen.tolist()
+
+
+def test_deepseek_v2_group_limited_routing_is_refused():
+    d = make_v2_model("lite").config.to_dict() | {"topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2}
+    with pytest.raises(UsageError, match="topk_method='group_limited_greedy' is not supported"):
+        MoeConfig.from_dict(d)
