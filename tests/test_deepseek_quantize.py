@@ -1,6 +1,6 @@
 """DeepSeek-V3 downstream: ``random:deepseek-v3-tiny`` (Hub layout, MLA with q_lora, yarn) -> RTN / GPTQ / AWQ w4 ->
 the family's Hub names -> ``quantkit.load`` (logits equal the source with dequantized weights) -> perplexity; the
-CLI's quantize, eval, ``--dry-run`` and ``inspect``; the MLA linears as candidates, the fused q_a/kv_a rule, and
+CLI's quantize, eval, ``--dry-run`` and ``inspect``, and transformers reading the output; the MLA linears as candidates, the fused q_a/kv_a rule, and
 AWQ's MLA smoothing groups leaving the fp layer's output unchanged."""
 
 import json
@@ -13,6 +13,7 @@ import pytest
 import torch
 from dequant_reference import dequantized_reference
 from safetensors import safe_open
+from transformers import AutoModelForCausalLM
 
 import quantkit
 from quantkit.calib.capture import capture_layer
@@ -81,7 +82,7 @@ def test_cli_quantize_eval_dry_run_inspect(tmp_path):
     out = tmp_path / "q"
     r = _cli("quantize", SRC, "-o", str(out), "--method", "gptq", "--dry-run")
     assert r.returncode == 0, r.stderr
-    assert "kv_a_proj_with_mqa" in r.stdout or "modules quantized" in r.stdout
+    assert "modules quantized" in r.stdout and "self_attn.q_b_proj: group 128 does not divide K=32" in r.stdout
     assert not out.exists()
     r = _cli("quantize", SRC, "-o", str(out), "--method", "gptq", "--calib", "sotu:train", "--calib-samples", "4",
              "--calib-seq-len", "64")
@@ -93,6 +94,10 @@ def test_cli_quantize_eval_dry_run_inspect(tmp_path):
     r = _cli("inspect", str(out))
     assert r.returncode == 0, r.stderr
     assert "self_attn.kv_b_proj: int4" in r.stdout and "self_attn.kv_a_layernorm (float32)" in r.stdout
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(0, 320, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (quantkit.load(out)(ids) - hf(ids).logits).abs().max().item() <= 1e-4
 
 
 def _random_model(**changes) -> MoeForCausalLM:

@@ -3,7 +3,8 @@
 ``MlaConfig.from_hf``), dense layers before ``first_k_dense_replace`` and MoE where ``idx % moe_layer_freq == 0``
 (vLLM's rule), sigmoid group-limited router with a correction bias (Hub ``mlp.gate.e_score_correction_bias``,
 ``[E]``) and a routed scaling factor, plain shared experts of width ``moe_intermediate_size * n_shared_experts``.
-The MTP layer at index ``num_hidden_layers`` is ignored."""
+The MTP layer at index ``num_hidden_layers`` is ignored. ``rope_style`` 'half' is the layout of MLA's cos/sin tables
+(the interleaved weights are de-interleaved in the layer)."""
 
 from quantkit.model.arch.spec import ArchSpec, per_expert
 
@@ -15,7 +16,7 @@ SPEC = ArchSpec(
     defaults=(("rms_norm_eps", 1e-6), ("rope_theta", 10000.0), ("tie_word_embeddings", False),
               ("moe_num_shared_experts", 1), ("moe_layer_start_index", 3), ("norm_topk_prob", True),
               ("routed_scaling_factor", 2.5), ("max_position_embeddings", 4096)),
-    fixed=(("router_scoring", "sigmoid"), ("router_bias", True), ("moe_norm_min", 0.0)),
+    fixed=(("rope_style", "half"), ("router_scoring", "sigmoid"), ("router_bias", True), ("moe_norm_min", 0.0)),
     required=("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "kv_lora_rank",
               "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"),
