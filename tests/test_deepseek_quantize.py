@@ -1,6 +1,6 @@
 """DeepSeek-V3 downstream: ``random:deepseek-v3-tiny`` (Hub layout, MLA with q_lora, yarn) -> RTN / GPTQ / AWQ w4 ->
 the family's Hub names -> ``quantkit.load`` (logits equal the source with dequantized weights) -> perplexity; the
-CLI's quantize, eval, ``--dry-run`` and ``inspect``, and transformers reading the output; the MLA linears as candidates, the fused q_a/kv_a rule, and
+CLI's quantize, eval, ``--dry-run`` and ``inspect``, transformers reading the output, the Triton backend; the MLA linears as candidates, the fused q_a/kv_a rule, and
 AWQ's MLA smoothing groups leaving the fp layer's output unchanged."""
 
 import json
@@ -19,6 +19,7 @@ import quantkit
 from quantkit.calib.capture import capture_layer
 from quantkit.errors import UsageError
 from quantkit.evals.perplexity import evaluate_perplexity
+from quantkit.kernels import dispatch
 from quantkit.model.causal_lm import MoeForCausalLM
 from quantkit.model.config import MoeConfig
 from quantkit.nn.quantized import QuantExperts, QuantLinear
@@ -96,8 +97,13 @@ def test_cli_quantize_eval_dry_run_inspect(tmp_path):
     assert "self_attn.kv_b_proj: int4" in r.stdout and "self_attn.kv_a_layernorm (float32)" in r.stdout
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = torch.randint(0, 320, (2, 17), generator=torch.Generator().manual_seed(0))
+    q = quantkit.load(out)
     with torch.no_grad():
-        assert (quantkit.load(out)(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+        want = q(ids)
+        assert (want - hf(ids).logits).abs().max().item() <= 1e-4
+        # the Triton backend (the interpreter on a CPU): routing, fused MoE, dequant GEMMs, norms, MLA's RoPE
+        assert dispatch.set_backend(q, "triton") > 0
+        assert (q(ids[:1, :8]) - want[:1, :8]).abs().max().item() <= 1e-4 * want.abs().max().item()
 
 
 def _random_model(**changes) -> MoeForCausalLM:
