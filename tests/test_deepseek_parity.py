@@ -129,3 +129,21 @@ def test_deepseek_v2_group_limited_routing_is_refused():
     d = make_v2_model("lite").config.to_dict() | {"topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2}
     with pytest.raises(UsageError, match="topk_method='group_limited_greedy' is not supported"):
         MoeConfig.from_dict(d)
+
+
+def test_hub_style_config_json(tmp_path):
+    """The Hub's DeepSeek-V3 config.json (``rope_scaling`` with ``type`` instead of transformers 5's
+    ``rope_parameters``, ``scoring_func``/``topk_method``, ``moe_layer_freq``, an MTP layer count) reads the same."""
+    ref = make_deepseek_model("yarn", seed=3)
+    save(ref, tmp_path)
+    d = json.loads((tmp_path / "config.json").read_text())
+    rope = d.pop("rope_parameters")
+    d["rope_theta"] = rope.pop("rope_theta")
+    d["rope_scaling"] = {"type": rope.pop("rope_type"), **rope}
+    d |= {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq": 1, "num_nextn_predict_layers": 1}
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    ours = quantkit.load(tmp_path, dtype="float32")
+    assert ours.config.mla.yarn is not None and ours.config.mla.yarn.factor == 4.0
+    ids = torch.randint(0, ref.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))  # past 16
+    with torch.no_grad():
+        assert (ours(ids) - ref(ids).logits).abs().max().item() <= 1e-4
