@@ -62,7 +62,7 @@ def test_family_configs_map_to_the_families_fields(source):
     assert cfg.arch == TINY[source][0] and cfg.spec is get_spec(cfg.arch)
     assert cfg.moe_num_experts == 8 and cfg.moe_k == 2 and cfg.rope_style == "half"
     expected_moe = {"qwen3-moe-tiny": [1, 2], "qwen2-moe-tiny": [1, 2], "mixtral-tiny": [0, 1, 2], "olmoe-tiny": [0, 1, 2],
-                    "glm4-moe-tiny": [1, 2]}[source]
+                    "glm4-moe-tiny": [1, 2], "deepseek-v3-tiny": [1, 2]}[source]
     assert cfg.moe_layers == expected_moe
 
 

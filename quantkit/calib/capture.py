@@ -6,6 +6,8 @@ For each input group of a layer we accumulate, in fp32 on the compute device:
 Input groups (keys, relative to the layer): ``self_attn.q_proj`` (shared by q/k/v), ``self_attn.o_proj``,
 ``mlp.gate_proj`` / ``mlp.down_proj`` (dense), ``mlp.shared_experts.gate_proj`` / ``.down_proj``,
 ``mlp.experts.gate_proj`` ``[E, H, H]`` (shared by gate/up) and ``mlp.experts.down_proj`` ``[E, I, I]``.
+Multi-head latent attention (DeepSeek-V3): ``self_attn.q_a_proj`` (or ``q_proj``; shared by
+``kv_a_proj_with_mqa``, ``LayerCapture.aliases``), ``self_attn.q_b_proj``, ``self_attn.kv_b_proj``, ``self_attn.o_proj``.
 
 Routed experts: ``routed`` capture sees each expert's routed tokens only; ``all`` pushes every token
 through every expert for the statistics while the layer's output still uses the real routing, so no
@@ -69,9 +71,12 @@ class Stat:
 class LayerCapture:
     stats: dict[str, Stat] = field(default_factory=dict)
     expert_tokens: torch.Tensor | None = None  # [E] int64, tokens routed to each expert
+    aliases: dict[str, str] = field(default_factory=dict)  # module -> the key of the module whose input it reads
 
     def stat_for(self, module: str) -> Stat:
         """The input statistics of a module relative to the layer (``self_attn.k_proj`` -> q_proj's)."""
+        if module in self.aliases:
+            return self.stats[self.aliases[module]]
         stem, _, leaf = module.rpartition(".")
         return self.stats[f"{stem}.{SHARES_INPUT.get(leaf, leaf)}"]
 
@@ -98,7 +103,16 @@ def capture_layer(layer, hidden, cos, sin, *, expert_calibration: str = "routed"
     cap = LayerCapture()
     handles = []
     fp_inputs = None if fp_hidden is None else {"_fp_pass": False}
-    targets = {"self_attn.q_proj": layer.self_attn.q_proj, "self_attn.o_proj": layer.self_attn.o_proj}
+    attn = layer.self_attn
+    if hasattr(attn, "kv_a_proj_with_mqa"):  # MLA: kv_a_proj_with_mqa reads the q projection's input
+        lead = "self_attn.q_proj" if hasattr(attn, "q_proj") else "self_attn.q_a_proj"
+        cap.aliases["self_attn.kv_a_proj_with_mqa"] = lead
+        targets = {lead: getattr(attn, lead.rpartition(".")[2]), "self_attn.kv_b_proj": attn.kv_b_proj,
+                   "self_attn.o_proj": attn.o_proj}
+        if hasattr(attn, "q_b_proj"):
+            targets["self_attn.q_b_proj"] = attn.q_b_proj
+    else:
+        targets = {"self_attn.q_proj": attn.q_proj, "self_attn.o_proj": attn.o_proj}
     mlp = layer.mlp
     if isinstance(mlp, SparseMoeBlock):
         if mlp.shared_experts is not None:

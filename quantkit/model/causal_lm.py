@@ -4,6 +4,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,8 +20,20 @@ from quantkit.model.layers import (
     RotaryEmbedding,
     SparseMoeBlock,
 )
+from quantkit.model.mla import MlaRotaryEmbedding, MultiHeadLatentAttention, mla_linears
 
-ATTENTION_LAYERS = {"gqa": Attention}  # ArchSpec.attention -> module class, built as cls(cfg, layer_idx)
+
+class AttentionKind(NamedTuple):
+    """One ``ArchSpec.attention`` value: how a layer's attention is built, and its quantizable linears."""
+
+    build: Callable[[MoeConfig, int], nn.Module]  # (cfg, layer_idx) -> the attention module
+    linears: Callable[[MoeConfig], list[tuple[str, tuple[int, int]]]]  # cfg -> (name, [N, K]) in checkpoint order
+
+
+ATTENTION_LAYERS = {
+    "gqa": AttentionKind(Attention, Attention.linears),
+    "mla": AttentionKind(lambda cfg, idx: MultiHeadLatentAttention(cfg.mla, idx), lambda cfg: mla_linears(cfg.mla)),
+}
 
 
 class DecoderLayer(nn.Module):
@@ -26,7 +41,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.idx = idx
         self.is_moe = cfg.is_moe_layer(idx)
-        self.self_attn = ATTENTION_LAYERS[cfg.spec.attention](cfg, idx)
+        self.self_attn = ATTENTION_LAYERS[cfg.spec.attention].build(cfg, idx)
         self.mlp = SparseMoeBlock(cfg) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -112,8 +127,10 @@ class MoeForCausalLM(nn.Module):
         return ids
 
 
-def rotary_embedding(cfg: MoeConfig) -> RotaryEmbedding:
-    """The cos/sin tables of a config: its rotary dims, theta and style."""
+def rotary_embedding(cfg: MoeConfig) -> RotaryEmbedding | MlaRotaryEmbedding:
+    """The cos/sin tables of a config: its rotary dims, theta and style (MLA: its rope dims, yarn-scaled if set)."""
+    if cfg.spec.attention == "mla":
+        return MlaRotaryEmbedding(cfg.mla)
     return RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rope_style)
 
 

@@ -49,6 +49,7 @@ class MoeConfig:
     moe_layer_end_index: int = -1
     moe_layer_interval: int = 1
     dense_layers: tuple[int, ...] = ()
+    moe_layer_freq: int = 1  # DeepSeek (vLLM's rule): MoE only where idx % moe_layer_freq == 0
     # router (``RouterSpec``)
     router_scoring: str = "softmax"
     norm_topk_prob: bool = True
@@ -88,6 +89,13 @@ class MoeConfig:
         return get_spec(self.arch)
 
     @property
+    def mla(self):
+        """The ``MlaConfig`` of a multi-head-latent-attention family (DeepSeek-V3), read from the config.json dict."""
+        from quantkit.model.mla import MlaConfig
+
+        return MlaConfig.from_hf(self.raw)
+
+    @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
 
@@ -110,7 +118,8 @@ class MoeConfig:
         if not self.moe_num_experts or idx in self.dense_layers:
             return False
         end = self.num_hidden_layers - 1 if self.moe_layer_end_index == -1 else self.moe_layer_end_index
-        return (idx + 1) % self.moe_layer_interval == 0 and self.moe_layer_start_index <= idx <= end
+        return ((idx + 1) % self.moe_layer_interval == 0 and self.moe_layer_start_index <= idx <= end
+                and idx % self.moe_layer_freq == 0)
 
     @property
     def moe_layers(self) -> list[int]:
@@ -132,8 +141,9 @@ class MoeConfig:
         legacy = d.get("rope_scaling") or {}  # Hub configs written before transformers 5
         for r in (rope, legacy):
             kind = r.get("rope_type", r.get("type", "default"))
-            if kind != "default":
-                raise UsageError(f"config: rope_type {kind!r} is not supported (only 'default')")
+            if kind not in spec.rope_types:
+                raise UsageError(f"config: rope_type {kind!r} is not supported (only "
+                                 f"{', '.join(map(repr, spec.rope_types))})")
         keys, defaults = dict(spec.config_keys), dict(spec.defaults)
         try:
             hidden, heads = int(d["hidden_size"]), int(d["num_attention_heads"])
@@ -151,7 +161,10 @@ class MoeConfig:
                 if v is not None or f.name.endswith("_token_id"):
                     values[f.name] = _convert(f.name, v)
             values.update(spec.fixed)
-            return cls(**values)
+            cfg = cls(**values)
+            if spec.attention == "mla":
+                _ = cfg.mla  # validates the latent-attention keys and the rope scaling now, not at build time
+            return cfg
         except KeyError as e:
             raise UsageError(f"config.json lacks the required key {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:

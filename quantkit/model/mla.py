@@ -111,6 +111,16 @@ class MlaConfig:
                    attention_bias=bool(cfg.get("attention_bias", False)), yarn=yarn)
 
 
+def mla_linears(cfg: MlaConfig) -> list[tuple[str, tuple[int, int]]]:
+    """(name under ``self_attn``, [N, K]) of every linear of the attention, in checkpoint order."""
+    h, nh = cfg.hidden_size, cfg.num_heads
+    q = ([("q_proj", (nh * cfg.qk_head_dim, h))] if cfg.q_lora_rank is None else
+         [("q_a_proj", (cfg.q_lora_rank, h)), ("q_b_proj", (nh * cfg.qk_head_dim, cfg.q_lora_rank))])
+    return q + [("kv_a_proj_with_mqa", (cfg.kv_lora_rank + cfg.qk_rope_head_dim, h)),
+                ("kv_b_proj", (nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)),
+                ("o_proj", (h, nh * cfg.v_head_dim))]
+
+
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 

@@ -7,6 +7,12 @@ Smoothing groups and where 1/s is folded (the fp model's outputs are unchanged b
                               router reads the same input, so its columns get s too and routing is unchanged)
   up_proj rows             -> down_proj columns (dense MLP, shared experts, and each routed expert)
   v_proj rows              -> o_proj columns (v's channel c feeds every q head of its kv group)
+Multi-head latent attention (DeepSeek-V3), all exact as well:
+  input_layernorm          -> q_a_proj (or q_proj) + kv_a_proj_with_mqa
+  q_a_layernorm            -> q_b_proj
+  kv_a_layernorm           -> kv_b_proj
+  kv_b_proj's v rows       -> o_proj columns (one to one: o's input is the heads' v; attention is linear in v)
+  (kv_b_proj's k_nope rows go through the softmax: not scaled)
 The capture's Hessians and mean |x| are rescaled in place, so GPTQ afterwards sees the scaled inputs.
 """
 
@@ -50,29 +56,32 @@ def apply_awq(layer, cap: LayerCapture, entries: dict[str, PlanEntry], alphas=AL
         chosen[name] = alpha
         return s
 
-    # input_layernorm -> q/k/v
-    H = cap.stats["self_attn.q_proj"].H
-    s = run("qkv", [(f"self_attn.{p}", getattr(attn, p).weight, H) for p in ("q_proj", "k_proj", "v_proj")], "self_attn.q_proj")
-    if s is not None:
-        layer.input_layernorm.weight.data /= s.to(layer.input_layernorm.weight.dtype)
-        for p in ("q_proj", "k_proj", "v_proj"):
-            getattr(attn, p).weight.data *= s
-        _rescale_stat(cap, "self_attn.q_proj", s)
+    if hasattr(attn, "kv_a_proj_with_mqa"):
+        _smooth_mla(layer, cap, entries, run)
+    else:
+        # input_layernorm -> q/k/v
+        H = cap.stats["self_attn.q_proj"].H
+        s = run("qkv", [(f"self_attn.{p}", getattr(attn, p).weight, H) for p in ("q_proj", "k_proj", "v_proj")], "self_attn.q_proj")
+        if s is not None:
+            layer.input_layernorm.weight.data /= s.to(layer.input_layernorm.weight.dtype)
+            for p in ("q_proj", "k_proj", "v_proj"):
+                getattr(attn, p).weight.data *= s
+            _rescale_stat(cap, "self_attn.q_proj", s)
 
-    # v rows -> o columns, per kv channel (shared by the q heads of its group)
-    n_rep, D = attn.n_heads // attn.n_kv, attn.head_dim
-    o_abs = cap.stats["self_attn.o_proj"].mean_abs.view(attn.n_kv, n_rep, D).mean(1).reshape(-1)
-    expand = lambda t: t.view(attn.n_kv, 1, D).expand(attn.n_kv, n_rep, D).reshape(-1)
-    per_kv = lambda t: t.view(attn.n_kv, n_rep, D).mean(1).reshape(-1)
-    if "self_attn.v_proj" in entries:
-        s_kv = run("v->o", [("self_attn.o_proj", attn.o_proj.weight, cap.stats["self_attn.o_proj"].H)],
-                   "self_attn.o_proj", o_abs, expand, per_kv)
-        if s_kv is not None:
-            attn.v_proj.weight.data /= s_kv[:, None]
-            if attn.v_proj.bias is not None:  # q/k/v bias (Qwen2-MoE, GLM): v's rows scale with their bias
-                attn.v_proj.bias.data /= s_kv
-            attn.o_proj.weight.data *= expand(s_kv)
-            _rescale_stat(cap, "self_attn.o_proj", expand(s_kv))
+        # v rows -> o columns, per kv channel (shared by the q heads of its group)
+        n_rep, D = attn.n_heads // attn.n_kv, attn.head_dim
+        o_abs = cap.stats["self_attn.o_proj"].mean_abs.view(attn.n_kv, n_rep, D).mean(1).reshape(-1)
+        expand = lambda t: t.view(attn.n_kv, 1, D).expand(attn.n_kv, n_rep, D).reshape(-1)
+        per_kv = lambda t: t.view(attn.n_kv, n_rep, D).mean(1).reshape(-1)
+        if "self_attn.v_proj" in entries:
+            s_kv = run("v->o", [("self_attn.o_proj", attn.o_proj.weight, cap.stats["self_attn.o_proj"].H)],
+                       "self_attn.o_proj", o_abs, expand, per_kv)
+            if s_kv is not None:
+                attn.v_proj.weight.data /= s_kv[:, None]
+                if attn.v_proj.bias is not None:  # q/k/v bias (Qwen2-MoE, GLM): v's rows scale with their bias
+                    attn.v_proj.bias.data /= s_kv
+                attn.o_proj.weight.data *= expand(s_kv)
+                _rescale_stat(cap, "self_attn.o_proj", expand(s_kv))
 
     # post_attention_layernorm -> gate/up of everything in the MLP
     if isinstance(mlp, SparseMoeBlock):
@@ -132,3 +141,29 @@ def apply_awq(layer, cap: LayerCapture, entries: dict[str, PlanEntry], alphas=AL
             m.down_proj.weight.data *= s
             _rescale_stat(cap, key, s)
     return chosen
+
+
+def _smooth_mla(layer, cap: LayerCapture, entries: dict[str, PlanEntry], run) -> None:
+    """The latent attention's smoothing groups (module docstring); ``run`` searches one group's scale."""
+    attn = layer.self_attn
+    lead = "q_proj" if hasattr(attn, "q_proj") else "q_a_proj"
+    groups = [("input_layernorm", layer.input_layernorm, (lead, "kv_a_proj_with_mqa"), f"self_attn.{lead}")]
+    if lead == "q_a_proj":
+        groups.append(("q_a_layernorm", attn.q_a_layernorm, ("q_b_proj",), "self_attn.q_b_proj"))
+    groups.append(("kv_a_layernorm", attn.kv_a_layernorm, ("kv_b_proj",), "self_attn.kv_b_proj"))
+    for norm_name, norm, projs, key in groups:
+        H = cap.stats[key].H
+        s = run(f"{norm_name}->{'+'.join(projs)}", [(f"self_attn.{p}", getattr(attn, p).weight, H) for p in projs], key)
+        if s is not None:
+            norm.weight.data /= s.to(norm.weight.dtype)
+            for p in projs:
+                getattr(attn, p).weight.data *= s
+            _rescale_stat(cap, key, s)
+    if "self_attn.kv_b_proj" in entries:  # v rows -> o columns: column h*v + c of o reads row h*(nope+v) + nope + c
+        s = run("v->o", [("self_attn.o_proj", attn.o_proj.weight, cap.stats["self_attn.o_proj"].H)], "self_attn.o_proj")
+        if s is not None:
+            c = attn.cfg
+            kv_b = attn.kv_b_proj.weight.data.view(c.num_heads, c.qk_nope_head_dim + c.v_head_dim, -1)
+            kv_b[:, c.qk_nope_head_dim:] /= s.view(c.num_heads, c.v_head_dim, 1)
+            attn.o_proj.weight.data *= s
+            _rescale_stat(cap, "self_attn.o_proj", s)

@@ -17,6 +17,7 @@ import torch
 from quantkit.model.causal_lm import MoeForCausalLM
 from quantkit.model.config import MoeConfig
 from quantkit.model.loader import default_dtype, model_tensors
+from quantkit.model.mla import mla_linears
 from quantkit.pipeline.layer_quant import EXPERT_CHUNK
 from quantkit.quant.config import Recipe
 from quantkit.sources import resolve
@@ -59,6 +60,10 @@ def dry_run(src: str, recipe: Recipe, options) -> dict:
         hidden = 2 * c.samples * c.seq_len * cfg.hidden_size * 4
         H, D = cfg.hidden_size, cfg.head_dim
         attn = 4 * (H * H + (cfg.num_attention_heads * D) ** 2)
+        attn_k = H
+        if cfg.spec.attention == "mla":  # one Hessian per input: h (q_a/q + kv_a), q_lora, kv_lora, heads * v
+            ks = [k for n, (_, k) in mla_linears(cfg.mla) if n != "kv_a_proj_with_mqa"]
+            attn, attn_k = 4 * sum(k * k for k in ks), max(ks)
         moe = 0
         if cfg.moe_layers:
             E, I, S = cfg.moe_num_experts, cfg.moe_intermediate_size, cfg.shared_width
@@ -66,7 +71,7 @@ def dry_run(src: str, recipe: Recipe, options) -> dict:
         dense = 4 * (H * H + cfg.intermediate_size ** 2) if len(cfg.moe_layers) < cfg.num_hidden_layers else 0
         hessians = attn + max(moe, dense)
         # H, its Cholesky factor and a clone, fp32: one matrix at a time for linears, EXPERT_CHUNK for experts
-        k_dense = max(H, cfg.intermediate_size if dense else H, cfg.shared_width)
+        k_dense = max(attn_k, cfg.intermediate_size if dense else H, cfg.shared_width)
         k_expert = max(H, cfg.moe_intermediate_size) if cfg.moe_layers else 0
         gptq_ws = 3 * 4 * max(k_dense * k_dense, EXPERT_CHUNK * k_expert * k_expert)
     device_peak = layer_bytes + quant_layer + hidden + hessians + gptq_ws

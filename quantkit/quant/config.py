@@ -371,12 +371,13 @@ def make_plan(cfg: MoeConfig, recipe: Recipe) -> Plan:
             note += " (one group for the layer's routed experts, which servers load as one MoE)"
         entries.append(PlanEntry(name, shape, rule, g, note))
     by_name = {e.module: e for e in entries}
+    names = {name for name, _ in candidate_modules(cfg)}
     for name, _ in candidate_modules(cfg):
         stem, _, leaf = name.rpartition(".")
         for group in cfg.spec.fused:
             if leaf != group[0]:
                 continue
-            members = [f"{stem}.{m}" for m in group]
+            members = [f"{stem}.{m}" for m in group if f"{stem}.{m}" in names]  # MLA's q_proj has no k/v
             kinds = {(by_name[m].rule.format, by_name[m].rule.bits, by_name[m].group_size, by_name[m].rule.symmetric)
                      if m in by_name else None for m in members}
             if len(kinds) > 1:

@@ -7,7 +7,8 @@ Built-in names:
   ``random:ernie-tiny``                 tiny random ERNIE-4.5-MoE (tests)
   ``random:ernie-21b-a3b?layers=N``     21B-A3B dimensions, random weights, N layers (default 2), sharded
   ``random:<family>-tiny``              tiny random model of another family, in its Hub layout: qwen3-moe-tiny,
-                                        qwen2-moe-tiny, mixtral-tiny, olmoe-tiny, glm4-moe-tiny (tests)
+                                        qwen2-moe-tiny, mixtral-tiny, olmoe-tiny, glm4-moe-tiny,
+                                        deepseek-v3-tiny (tests)
   ``random:<model>?layers=N``           another family at a real model's dimensions, N layers (default 2), bf16,
                                         sharded (memory benchmark): qwen3-30b-a3b, qwen1.5-moe-a2.7b, mixtral-8x7b,
                                         olmoe-1b-7b, glm4.5-air

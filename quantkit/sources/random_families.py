@@ -1,6 +1,7 @@
 """Random-weight checkpoints of the non-ERNIE families, written in each family's Hub layout and config.json.
 
-``<family>-tiny`` (``qwen3-moe-tiny``, ``qwen2-moe-tiny``, ``mixtral-tiny``, ``olmoe-tiny``, ``glm4-moe-tiny``): a few
+``<family>-tiny`` (``qwen3-moe-tiny``, ``qwen2-moe-tiny``, ``mixtral-tiny``, ``olmoe-tiny``, ``glm4-moe-tiny``,
+``deepseek-v3-tiny``: multi-head latent attention with q_lora, yarn RoPE): a few
 MB each, every feature of the family on (dense-first layers where the family has them, shared experts, q/k norms,
 biases, the correction bias). The tensors are the model's canonical parameters (a meta-device skeleton), drawn
 layer by layer from a seeded generator and named on disk through the family's name map (``arch.spec.hub_tensors``),
@@ -45,6 +46,14 @@ TINY = {
         "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5, "norm_topk_prob": True,
         "attention_bias": True, "use_qk_norm": True, "num_nextn_predict_layers": 0, "rms_norm_eps": 1e-5,
         "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "partial_rotary_factor": 0.5}}),
+    "deepseek-v3-tiny": ("deepseek_v3", dict(
+        num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
+        v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+        moe_intermediate_size=32, first_k_dense_replace=1, moe_layer_freq=1, routed_scaling_factor=2.5,
+        norm_topk_prob=True, scoring_func="sigmoid", topk_method="noaux_tc", rope_interleave=True,
+        attention_bias=False, num_nextn_predict_layers=0,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 1024,
+                         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})),
 }
 
 

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 from quantkit.errors import UsageError
-from quantkit.model.arch import ernie, glm4_moe, mixtral, olmoe, qwen2_moe, qwen3_moe
+from quantkit.model.arch import (
+    deepseek_v2,
+    deepseek_v3,
+    ernie,
+    glm4_moe,
+    mixtral,
+    olmoe,
+    qwen2_moe,
+    qwen3_moe,
+)
 from quantkit.model.arch.spec import ArchSpec
 
-SPECS: dict[str, ArchSpec] = {m.SPEC.name: m.SPEC for m in (ernie, qwen3_moe, qwen2_moe, mixtral, olmoe, glm4_moe)}
+SPECS: dict[str, ArchSpec] = {m.SPEC.name: m.SPEC for m in (ernie, qwen3_moe, qwen2_moe, mixtral, olmoe, glm4_moe,
+                                                            deepseek_v3, deepseek_v2)}
 
 
 def supported() -> str:

@@ -10,10 +10,10 @@ functions that apply it: the loader reads through them and every writer writes t
 same name in memory and on disk for every family (``q_norm``/``k_norm``, ``input_layernorm``...).
 
 Adding a family whose math exists: one file here with its ``ArchSpec`` and a line in ``arch/__init__.py``. New math
-is a new layer: e.g. multi-head latent attention is ``attention="mla"`` (``ATTENTIONS``), a module class in
-``causal_lm.ATTENTION_LAYERS`` built as ``cls(cfg, layer_idx)`` with a static ``linears(cfg)`` listing its
-quantizable linears (``q_a_proj``, ``q_b_proj``, ``kv_a_proj_with_mqa``, ``kv_b_proj``, ``o_proj``) for
-``quant.config.candidate_modules``, its config fields in ``MoeConfig``, and its fused groups in ``fused``.
+is a new layer: e.g. multi-head latent attention is ``attention="mla"`` (``ATTENTIONS``), an entry of
+``causal_lm.ATTENTION_LAYERS`` (how to build it from a config and a layer index, and its quantizable linears --
+``q_a_proj``, ``q_b_proj``, ``kv_a_proj_with_mqa``, ``kv_b_proj``, ``o_proj`` -- for
+``quant.config.candidate_modules``), its config (``MoeConfig.mla``), and its fused groups in ``fused``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from quantkit.errors import UsageError
 
 ROPE_STYLES = ("interleaved", "half")  # GPT-J pairs (2i, 2i+1) | rotate-half pairs (i, i + D/2)
 QK_NORMS = ("none", "head", "proj")  # no q/k norm | RMSNorm over each head's D | over the whole q / k projection
-ATTENTIONS = ("gqa",)  # 'mla' (DeepSeek-V3) is the next entry: its own linears and norms
+ATTENTIONS = ("gqa", "mla")  # grouped-query | multi-head latent (DeepSeek-V3: quantkit.model.mla, its own linears)
 LAYER = re.compile(r"^(model\.layers\.\d+)\.(.+)$")
 
 
@@ -58,6 +58,7 @@ class ArchSpec:
     ct_class_target: str = ""                         # regex over canonical paths under a layer: the config group
     # holding those linears also gets the class target ``Linear``, for families whose vLLM loader looks their scheme
     # up by a name no Hub-name regex matches (``serving/vllm.py::FAMILIES``: Mixtral's experts, OLMoE's attention)
+    rope_types: tuple[str, ...] = ("default",)        # rope_parameters / rope_scaling types the family's attention supports
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
