@@ -81,7 +81,7 @@ def test_config_lacking_a_required_key_names_it(tmp_path, key):
 def test_unsupported_router_and_rope_are_refused():
     with pytest.raises(UsageError, match="topk_method"):
         MoeConfig.from_dict(_config(topk_method="group_limited_greedy"))
-    with pytest.raises(UsageError, match="rope type 'dynamic'"):
+    with pytest.raises(UsageError, match="rope.type 'dynamic' is not supported"):
         MoeConfig.from_dict(_config(rope_parameters=None, rope_scaling={"type": "dynamic", "factor": 2.0}))
 
 

@@ -97,7 +97,7 @@ def test_triton_backend_matches_torch(source):
     assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("source", sorted(EXPECT))
+@pytest.mark.parametrize("source", [*sorted(EXPECT), "deepseek-v3-tiny"])  # MLA: fused_qkv_a_proj, kv_b_proj
 def test_vllm_rules_accept_the_gptq_output(gptq_out, source):
     r = subprocess.run([sys.executable, "-m", "quantkit.cli", "check", str(gptq_out(source)), "--server", "vllm"],
                        capture_output=True, text=True, check=False)

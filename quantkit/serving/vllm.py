@@ -59,7 +59,9 @@ FAMILIES = {
               "source": M + "olmoe.py::OlmoeMoE.__init__ / OlmoeAttention.__init__ (qkv_proj, o_proj built without prefix)"},
     "glm4_moe": {"architectures": ("Glm4MoeForCausalLM",),
                  "source": M + "glm4_moe.py::Glm4MoE.__init__ (gate a plain fp32 nn.Linear)"},
-    "deepseek_v3": {"architectures": ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM"),
+    "deepseek_v3": {"architectures": ("DeepseekV3ForCausalLM",),
+                    "source": M + "deepseek_v2.py::DeepseekV2MoE.__init__ (DeepSeekV2Gate asserts quant_config is None)"},
+    "deepseek_v2": {"architectures": ("DeepseekV2ForCausalLM",),
                     "source": M + "deepseek_v2.py::DeepseekV2MoE.__init__ (DeepSeekV2Gate asserts quant_config is None)"},
 }
 
