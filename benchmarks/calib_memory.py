@@ -37,7 +37,7 @@ def run(template: str, layers: int, a) -> dict:
         rep = json.loads((out / "quantize_report.json").read_text())
     moe = [l["seconds"] for l in rep["layers"] if l["moe"]]
     return {"src": src, "layers": layers, "peak_rss_bytes": rep["peak_rss_bytes"], "seconds": rep["seconds"],
-            "seconds_per_moe_layer": sum(moe) / len(moe), "moe_layer_seconds": moe,
+            "seconds_per_moe_layer": sum(moe) / len(moe) if moe else None, "moe_layer_seconds": moe,
             "dry_run_peak_host": next(l for l in dry.splitlines() if "peak host memory" in l).strip()}
 
 
@@ -70,7 +70,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['src'].split('?')[0]}, {r['layers']} layers | {r['peak_rss_bytes'] / 1e9:.2f} GB | {r['seconds']:.0f} s | "
-              f"{r['seconds_per_moe_layer']:.0f} s | {r['dry_run_peak_host']} |")
+              f"{r['seconds_per_moe_layer'] or 0:.0f} s | {r['dry_run_peak_host']} |")
 
 
 if __name__ == "__main__":
