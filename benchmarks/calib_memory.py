@@ -69,9 +69,9 @@ def main() -> None:
     print("| model | peak RSS | time | s per MoE layer | dry-run estimate |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['src'].split('?')[0]}, {r['layers']} layers | {r['peak_rss_bytes'] / 1e9:.2f} GB | {r['seconds']:.0f} s | "
-              f"{r['seconds_per_moe_layer'] or 0:.0f} s | {r['dry_run_peak_host']} |")
-
+        per_layer = f"{r['seconds_per_moe_layer']:.0f} s" if r["seconds_per_moe_layer"] else "-"
+        print(f"| {r['src'].split('?')[0]}, {r['layers']} layers | {r['peak_rss_bytes'] / 1e9:.2f} GB | "
+              f"{r['seconds']:.0f} s | {per_layer} | {r['dry_run_peak_host']} |")
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
 """The real-dimension random sources have their models' dimensions: at full depth, on the meta device, each one's
 parameter count is the published total (model cards: Qwen3-30B-A3B 30.5B, Qwen1.5-MoE-A2.7B 14.3B, Mixtral-8x7B
-46.7B, OLMoE-1B-7B 6.9B, GLM-4.5-Air 106B)."""
+46.7B, OLMoE-1B-7B 6.9B, GLM-4.5-Air 106B, DeepSeek-V2-Lite 15.7B)."""
 
 import pytest
 import torch
@@ -12,7 +12,7 @@ from quantkit.sources import resolve
 from quantkit.sources.random_families import REAL, family_config
 
 PUBLISHED = {"qwen3-30b-a3b": (48, 30.5), "qwen1.5-moe-a2.7b": (24, 14.3), "mixtral-8x7b": (32, 46.7),
-             "olmoe-1b-7b": (16, 6.9), "glm4.5-air": (46, 106.0)}
+             "olmoe-1b-7b": (16, 6.9), "glm4.5-air": (46, 106.0), "deepseek-v2-lite": (27, 15.7)}
 
 
 @pytest.mark.parametrize("name", sorted(REAL))

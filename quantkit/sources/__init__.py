@@ -11,7 +11,7 @@ Built-in names:
                                         deepseek-v3-tiny (tests)
   ``random:<model>?layers=N``           another family at a real model's dimensions, N layers (default 2), bf16,
                                         sharded (memory benchmark): qwen3-30b-a3b, qwen1.5-moe-a2.7b, mixtral-8x7b,
-                                        olmoe-1b-7b, glm4.5-air
+                                        olmoe-1b-7b, glm4.5-air, deepseek-v2-lite
   ``demo:smollm2-moe``                  real-weights ERNIE-4.5-MoE built from SmolLM2-135M
   ``demo:smollm2-dense``                the same SmolLM2 as a dense ERNIE (the demo's reference)
 

@@ -132,4 +132,13 @@ REAL = {
         n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, routed_scaling_factor=1.0,
         norm_topk_prob=True, attention_bias=True, use_qk_norm=False, num_nextn_predict_layers=0, rms_norm_eps=1e-5,
         max_position_embeddings=131072, rope_parameters={**_ROPE, "partial_rotary_factor": 0.5})),
+    "deepseek-v2-lite": ("deepseek_v2", {  # deepseek-ai/DeepSeek-V2-Lite
+        "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "q_lora_rank": None, "kv_lora_rank": 512,
+        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "n_routed_experts": 64,
+        "num_experts_per_tok": 6, "n_shared_experts": 2, "first_k_dense_replace": 1, "moe_layer_freq": 1,
+        "routed_scaling_factor": 1.0, "topk_method": "greedy", "n_group": 1, "topk_group": 1, "norm_topk_prob": False,
+        "max_position_embeddings": 163840, "rope_parameters": {
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 4096,
+            "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}}),
 }
