@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from hf_reference import make_hf_model
+from parity_check import assert_matches_transformers
 
 import quantkit
-from hf_reference import make_hf_model
 
 CONFIGS = [
     dict(moe_num_experts=4, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1),
@@ -23,17 +24,7 @@ def test_logits_and_greedy_match_transformers(tmp_path, cfg, sharded):
     assert (tmp_path / "model.safetensors.index.json").exists() == sharded
     ours = quantkit.load(tmp_path, dtype="float32")
 
-    ids = torch.randint(0, ref.config.vocab_size, (2, 23), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = ref(ids).logits
-        got = ours(ids)
-    assert got.shape == expected.shape
-    assert (got - expected).abs().max().item() <= 1e-4
-
-    prompt = ids[:1, :7]
-    expected_gen = ref.generate(prompt, max_new_tokens=16, do_sample=False, min_new_tokens=16)
-    got_gen = ours.generate(prompt, max_new_tokens=16, eos_token_id=[])
-    assert got_gen.tolist() == expected_gen.tolist()
+    assert_matches_transformers(ref, ours, seq_len=23, prompt_len=7, new_tokens=16)
 
 
 def test_kv_cache_matches_full_recompute(tiny_dir):
