@@ -3,6 +3,8 @@ configs, with weights large enough that routing and attention matter (as ``hf_re
 
 import torch
 
+from hf_reference import randomize
+
 BASE = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3, "num_attention_heads": 4,
         "num_key_value_heads": 2, "eos_token_id": None, "pad_token_id": None, "bos_token_id": None}
 
@@ -30,15 +32,4 @@ def make_family_model(family: str, seed: int = 0, **overrides):
     kw.update(overrides)
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**kw)).eval()
-    with torch.no_grad():
-        tensors = list(model.named_parameters()) + list(model.named_buffers())
-        for name, p in tensors:
-            if "inv_freq" in name:
-                continue
-            if "e_score_correction_bias" in name:
-                p.copy_(0.05 * torch.randn_like(p))
-            elif "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(0.2 * torch.randn_like(p))
-    return model
+    return randomize(model, with_buffers=True)

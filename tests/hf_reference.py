@@ -12,8 +12,17 @@ def make_hf_model(seed: int = 0, **overrides):
     kw.update(overrides)
     torch.manual_seed(seed)
     model = Ernie4_5_MoeForCausalLM(Ernie4_5_MoeConfig(**kw)).eval()
-    with torch.no_grad():  # weights large enough that routing and attention actually matter
-        for name, p in model.named_parameters():
+    return randomize(model)
+
+
+def randomize(model, with_buffers: bool = False):
+    """Weights large enough that routing and attention actually matter (norms 1 +- 0.1, correction biases +- 0.05, the
+    rest +- 0.2), drawn from torch's global generator in parameter (then buffer) order; RoPE tables are left alone."""
+    tensors = list(model.named_parameters()) + (list(model.named_buffers()) if with_buffers else [])
+    with torch.no_grad():
+        for name, p in tensors:
+            if "inv_freq" in name:
+                continue
             if "e_score_correction_bias" in name:
                 p.copy_(0.05 * torch.randn_like(p))
             elif "norm" in name:
