@@ -2,7 +2,6 @@
 configs, with weights large enough that routing and attention matter (as ``hf_reference.py`` does for ERNIE)."""
 
 import torch
-
 from hf_reference import randomize
 
 BASE = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3, "num_attention_heads": 4,
