@@ -1,4 +1,4 @@
-"""Routing variants (``quantkit.model.routers``) against transformers' own routers and ERNIE's ``layers.route``."""
+"""Routing variants (``quantkit.model.routers``) against transformers' own routers (ERNIE's included)."""
 
 import pytest
 import torch
@@ -23,13 +23,23 @@ def _same(ids, w, ref_ids, ref_w):
     assert torch.allclose(w.gather(-1, ia), ref_w.float().gather(-1, ib), atol=1e-6, rtol=0)
 
 
-def test_ernie_spec_is_layers_route():
+def test_ernie_spec_matches_transformers():
+    """ERNIE's RouterSpec (softmax, correction bias for the choice only, clamp renorm) against transformers'
+    ``Ernie4_5_MoeTopKRouter``; ``layers.route`` (the kernels' twin) is that spec."""
+    from transformers import Ernie4_5_MoeConfig
+    from transformers.models.ernie4_5_moe.modeling_ernie4_5_moe import Ernie4_5_MoeTopKRouter
+
+    ref = Ernie4_5_MoeTopKRouter(Ernie4_5_MoeConfig(hidden_size=H, moe_num_experts=8, moe_k=3, moe_norm_min=1e-12))
     x, g = _x()
-    gw, bias = torch.randn(8, H, generator=g), 0.05 * torch.randn(1, 8, generator=g)
-    spec = RouterSpec(top_k=3, num_experts=8, has_bias=True, norm_min=1e-12)
-    ids, w = route(x, gw, bias, spec)
-    ref_ids, ref_w = ernie_route(x, gw, bias, 3, 1e-12)
-    assert torch.equal(ids, ref_ids) and torch.equal(w, ref_w)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(8, H, generator=g))
+        ref.moe_statics.e_score_correction_bias.copy_(0.05 * torch.randn(ref.moe_statics.e_score_correction_bias.shape,
+                                                                           generator=g))
+        _, ref_w, ref_ids = ref(x)
+    bias = ref.moe_statics.e_score_correction_bias
+    ids, w = route(x, ref.weight, bias, RouterSpec(top_k=3, num_experts=8, has_bias=True, norm_min=1e-12))
+    _same(ids, w, ref_ids, ref_w)
+    assert [t.tolist() for t in ernie_route(x, ref.weight, bias, 3, 1e-12)] == [ids.tolist(), w.tolist()]
 
 
 @pytest.mark.parametrize("family,norm", [("mixtral", True), ("qwen3_moe", True), ("qwen3_moe", False),
