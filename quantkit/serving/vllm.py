@@ -116,9 +116,9 @@ def vllm_layers(cfg, fam) -> list[tuple[str, str, list[str], list[str], int | No
 def _attention_layers(cfg, fam, p: str) -> list[tuple]:
     a = f"{p}.self_attn"
     if cfg.spec.attention == "mla":  # DeepseekV2MLAAttention (deepseek_v2.py): the a-projections are replicated
-        raw = cfg.raw
-        heads_v = cfg.num_attention_heads * int(raw["v_head_dim"])
-        if raw.get("q_lora_rank"):
+        mla = cfg.mla
+        heads_v = mla.num_heads * mla.v_head_dim
+        if mla.q_lora_rank is not None:
             shards = [f"{a}.q_a_proj", f"{a}.kv_a_proj_with_mqa"]
             first = [(f"{a}.fused_qkv_a_proj", "replicated", shards, shards, None),
                      (f"{a}.q_b_proj", "column", [f"{a}.q_b_proj"], [f"{a}.q_b_proj"], None)]
