@@ -90,6 +90,17 @@ def test_hessian_aware_trellis_runs_and_lowers_the_layer_error(src, tmp_path):
     assert sum(isinstance(m, TrellisStack) for m in q.modules()) == 6
 
 
+def test_seed_draws_other_signs_of_the_same_scales(src, out, tmp_path):
+    """A rule's ``seed`` reaches the encoder: other incoherence signs, the same magnitudes (they come from W)."""
+    recipe = Recipe.from_dict({"name": "w2trellis-L8-seed1", "rules": [
+        {"pattern": r"mlp\.experts\.", "format": "trellis", "bits": 2, "state_bits": L, "seed": 1},
+        {"pattern": ".*", "bits": 4, "group_size": 128}]})
+    quantize(str(src), tmp_path / "s1", recipe, QuantizeOptions(progress=False))
+    name = "model.layers.1.mlp.experts.3.down_proj.suh"
+    a, b = CheckpointReader(out[0]).read(name), CheckpointReader(tmp_path / "s1").read(name)
+    assert torch.equal(a.abs(), b.abs()) and not torch.equal(a, b)
+
+
 def test_recipe_rules():
     r = get_recipe("w2trellis")
     assert r.rule_for("model.layers.3.mlp.experts.up_proj").label == "w2trellis"
@@ -97,7 +108,10 @@ def test_recipe_rules():
     assert Rule.from_dict({"format": "trellis", "bits": 3, "state_bits": 12}).label == "w3trellis-L12"
     assert Rule(format="trellis", bits=2, group_size=None).to_dict()["state_bits"] == 16
     assert "state_bits" not in Rule().to_dict()
-    for bad in ({"format": "trellis", "bits": 8}, {"format": "trellis", "state_bits": 20}, {"bits": 4, "state_bits": 12}):
+    assert Rule(format="trellis", bits=2, group_size=None).to_dict()["seed"] == 0
+    assert Rule.from_dict({"format": "trellis", "seed": 3}).seed == 3 and "seed" not in Rule().to_dict()
+    for bad in ({"format": "trellis", "bits": 8}, {"format": "trellis", "state_bits": 20}, {"bits": 4, "state_bits": 12},
+                {"format": "trellis", "seed": -1}, {"bits": 4, "seed": 1}):
         with pytest.raises(UsageError):
             Rule.from_dict(bad)
     with pytest.raises(UsageError, match="routed experts only"):

@@ -61,7 +61,7 @@ def _quantize(entry: PlanEntry, w: torch.Tensor, H: torch.Tensor | None, scale_d
     if r.format == "trellis":  # more experts per call: LDLQ's strips batch their tiles over experts
         c = max(EXPERT_CHUNK, TRELLIS_CHUNK_BYTES // (12 * w.shape[-1] ** 2))
         parts = [trellis(w[i:i + c], H[i:i + c] if use_gptq and H is not None else None,
-                         bits=r.bits, L=r.state_bits) for i in range(0, w.shape[0], c)]
+                         bits=r.bits, L=r.state_bits, seed=r.seed) for i in range(0, w.shape[0], c)]
         return _cat(parts)
 
     def one(wc, Hc):

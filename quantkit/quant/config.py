@@ -20,7 +20,7 @@ layer ranges.
 
 ``format="trellis"`` is the trellis code of ``quantkit.format.trellis`` (QTIP / EXL3 class), routed experts
 only, ``bits`` 2/3/4 per weight, ``state_bits`` L (16 by default; a smaller L is an explicit CPU option: a
-faster encoder, a higher error); its ``method`` is rtn (plain Viterbi) or gptq (LDLQ with the Hessians).
+faster encoder, a higher error), ``seed`` the incoherence signs' draw (0 by default); its ``method`` is rtn (plain Viterbi) or gptq (LDLQ with the Hessians).
 Built-in: ``w2trellis`` (routed experts at 2 bits, the rest w4g128). A recipe's ``bits_per_weight`` (a bit
 budget, CLI ``--bits-per-weight``) lets ``quantkit.pipeline.budget`` pick the trellis bits per routed-expert
 tensor from measured sensitivity; it resolves the budget into per-tensor rules before ``make_plan``, which
@@ -66,6 +66,8 @@ class Rule:
     format: str = "int"  # "int" or "code2" (the 2-bit convolutional code; bits=2, group_size=64; the code
     # has its own per-column affine codebook, so ``symmetric`` and ``clip_search`` do not apply to it)
     state_bits: int = 16  # the trellis code's state size L (format="trellis" only)
+    seed: int = 0  # the trellis code's incoherence sign draw (format="trellis" only; the signs are stored in
+    # suh/svh, so a checkpoint decodes the same whatever the seed; another seed is another sample of the error)
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -79,6 +81,8 @@ class Rule:
                 raise UsageError(f"the trellis code takes bits 2, 3 or 4, got {self.bits}")
             if not L_RANGE[0] <= self.state_bits <= L_RANGE[1]:
                 raise UsageError(f"the trellis code's state_bits must be in {L_RANGE[0]}..{L_RANGE[1]}, got {self.state_bits}")
+            if not isinstance(self.seed, int) or self.seed < 0:
+                raise UsageError(f"the trellis code's seed must be a non-negative integer, got {self.seed!r}")
         if self.bits not in BITS:
             raise UsageError(f"bits must be one of {BITS}, got {self.bits}")
         if self.group_size not in GROUP_SIZES:
@@ -102,12 +106,13 @@ class Rule:
     def to_dict(self) -> dict:
         d = asdict(self)
         if self.format != "trellis":
-            del d["state_bits"]
+            del d["state_bits"], d["seed"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Rule":
-        known = {"bits", "group_size", "symmetric", "method", "clip_search", "act_order", "fp_target", "format", "state_bits"}
+        known = {"bits", "group_size", "symmetric", "method", "clip_search", "act_order", "fp_target", "format", "state_bits",
+                 "seed"}
         unknown = set(d) - known - {"pattern"}
         if unknown:
             raise UsageError(f"recipe rule has unknown key(s): {', '.join(sorted(unknown))}")
@@ -118,8 +123,10 @@ class Rule:
         extra = {"bits": d.get("bits", 2), "symmetric": d.get("symmetric", False)} if code2 else {}
         if d.get("format") == "trellis":  # no groups: one scale per row and column (``group_size`` is ignored)
             gs, extra = None, {"bits": d.get("bits", 2), "symmetric": True}
-        elif "state_bits" in d:
-            raise UsageError("state_bits is a trellis-code setting (format: trellis)")
+        else:
+            for key in ("state_bits", "seed"):
+                if key in d:
+                    raise UsageError(f"{key} is a trellis-code setting (format: trellis)")
         return cls(**{**{k: v for k, v in d.items() if k in known}, **extra, "group_size": gs})
 
 
