@@ -9,18 +9,23 @@ import quantkit
 from quantkit.calib.capture import capture_layer
 from quantkit.pipeline.awq_apply import apply_awq
 from quantkit.quant.awq import search_scale
-from quantkit.quant.config import BUILTIN_RECIPES, make_plan
+from quantkit.quant.config import BUILTIN_RECIPES, Recipe, make_plan
 from quantkit.quant.rtn import rtn
 
 
 @pytest.mark.parametrize("src", ["random:ernie-tiny", "random:qwen2-moe-tiny", "random:glm4-moe-tiny", "random:olmoe-tiny",
                                  "random:mixtral-tiny"])  # q/k/v bias, the shared-expert gate, q/k norms, renamed experts
-def test_folding_leaves_fp_logits_unchanged(src):
+@pytest.mark.parametrize("awq_block", [False, True])
+def test_folding_leaves_fp_logits_unchanged(src, awq_block):
+    if awq_block and src not in ("random:ernie-tiny", "random:qwen2-moe-tiny"):
+        pytest.skip("block-output scoring: one family with and one without the shared-expert gate")
     model = quantkit.load(src)
     ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(ids)
-    plan = make_plan(model.config, BUILTIN_RECIPES["w4g128"])
+    recipe = Recipe.from_dict({"name": "awq", "rules": [{"pattern": ".*", "bits": 4, "group_size": 128, "method": "awq",
+                                                          "awq_block": awq_block}]})
+    plan = make_plan(model.config, recipe if awq_block else BUILTIN_RECIPES["w4g128"])
     h = model.model.embed_tokens(ids)
     cos, sin = model.rope(0, 24, "cpu")
     for idx, layer in enumerate(model.model.layers):
@@ -28,7 +33,8 @@ def test_folding_leaves_fp_logits_unchanged(src):
         cap = capture_layer(layer, [h], cos, sin, expert_calibration="all")
         prefix = f"model.layers.{idx}."
         entries = {e.module[len(prefix):]: e for e in plan.entries if e.module.startswith(prefix)}
-        chosen = apply_awq(layer, cap, entries, alphas=(0.5,))  # force a real scaling
+        chosen = apply_awq(layer, cap, entries, alphas=(0.5,), sample=(h, cos, sin))  # force a real scaling
+        # (the block scoring edits the weights in place while it scores: the unchanged logits check the restore)
         assert chosen and set(chosen.values()) <= {0.5, "duo:0.50", -1.0}
         changed = [k for k, v in layer.state_dict().items() if not torch.equal(v, old[k])]
         assert any("layernorm" in k for k in changed) and any("v_proj" in k for k in changed)
@@ -65,3 +71,23 @@ def test_weight_aware_candidates_never_worse_and_weight_mean_is_per_input_column
     s, label, both = search_scale([(w, x.T @ x)], x.abs().mean(0), quant, w_mean=weight_mean([w], 64))
     assert both[:len(plain)] == plain and min(both) <= min(plain)
     assert torch.isfinite(s).all()
+
+
+def test_block_rescoring_decides_among_the_hessian_shortlist_and_plain():
+    """``rescore`` picks among the Hessian's best ``top`` candidates and s = 1: here it prefers s = 1, which the
+    Hessian error ranks last, so α = 0 must win; an α outside the shortlist is never scored."""
+    g = torch.Generator().manual_seed(0)
+    mag = torch.ones(128)
+    mag[:4] = 20.0
+    x = torch.randn(2048, 128, generator=g) * mag
+    w = torch.randn(64, 128, generator=g)
+    quant = lambda t: rtn(t, 4, 128, False).dequantize()
+    seen = []
+
+    def rescore(s):
+        seen.append(s)
+        return float((s - 1).abs().max())  # 0 only for s = 1
+    _, alpha_h, errors = search_scale([(w, x.T @ x)], x.abs().mean(0), quant)
+    s, alpha, errors_b = search_scale([(w, x.T @ x)], x.abs().mean(0), quant, rescore=rescore, top=3)
+    assert alpha_h != 0 and alpha == 0 and torch.allclose(s, torch.ones(128))
+    assert errors_b == errors and len(seen) == 4  # 3 best by the Hessian error + α = 0

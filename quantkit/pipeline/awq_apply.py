@@ -14,6 +14,9 @@ Multi-head latent attention (DeepSeek-V3), all exact as well:
   kv_b_proj's v rows       -> o_proj columns (one to one: o's input is the heads' v; attention is linear in v)
   (kv_b_proj's k_nope rows go through the softmax: not scaled)
 The capture's Hessians and mean |x| are rescaled in place, so GPTQ afterwards sees the scaled inputs.
+With ``Rule.awq_block`` the q/k/v and norm -> gate/up groups are decided at the attention / MLP output on a
+token sample of the layer's inputs (``block_sample``; ``quantkit.quant.awq`` has the rule); MLA keeps the
+Hessian error.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from quantkit.model.layers import SparseMoeBlock
 from quantkit.quant.awq import ALPHAS, scale_hessian, search_scale, weight_mean
 from quantkit.quant.config import PlanEntry
 from quantkit.quant.rtn import rtn
+
+BLOCK_TOKENS = 4096  # calibration tokens the block-output scoring runs (whole windows, the first ones)
 
 
 def _quantizer(entry: PlanEntry):
@@ -40,28 +45,76 @@ def _rescale_stat(cap: LayerCapture, key: str, s: torch.Tensor) -> None:
     st.abs_sum = st.abs_sum / s
 
 
-def apply_awq(layer, cap: LayerCapture, entries: dict[str, PlanEntry], alphas=ALPHAS) -> dict[str, float]:
-    """Search and fold the scales of every group whose members are all planned. Returns α per group."""
+def block_sample(hidden, tokens: int = BLOCK_TOKENS) -> torch.Tensor:
+    """The first calibration batches of a layer's inputs, [b, T, H], until ``tokens`` tokens."""
+    parts, n = [], 0
+    for h in hidden:
+        parts.append(h)
+        n += h.shape[0] * h.shape[1]
+        if n >= tokens:
+            break
+    return torch.cat(parts)[:max(1, -(-tokens // parts[0].shape[1]))]
+
+
+def _block_rescore(forward, params, quant):
+    """s -> mean squared change of ``forward()`` when each weight tensor in ``params`` is Q(W·s)/s (restored after)."""
+    with torch.no_grad():
+        ref = forward()
+
+    def score(s: torch.Tensor) -> float:
+        saved = [p.data.clone() for p in params]
+        try:
+            for p, w in zip(params, saved):
+                p.data.copy_((quant(w.float() * s) / s).to(p.dtype))
+            with torch.no_grad():
+                return float((forward() - ref).float().pow(2).mean())
+        finally:
+            for p, w in zip(params, saved):
+                p.data.copy_(w)
+    return score
+
+
+def apply_awq(layer, cap: LayerCapture, entries: dict[str, PlanEntry], alphas=ALPHAS,
+              sample: tuple | None = None) -> dict[str, float]:
+    """Search and fold the scales of every group whose members are all planned. Returns α per group.
+    ``sample`` = (hidden [b, T, H], cos, sin): the layer's inputs for block-output scoring (``Rule.awq_block``)."""
     chosen: dict[str, float] = {}
     attn, mlp = layer.self_attn, layer.mlp
 
-    def run(name, members, stat_key, mean_abs=None, expand=None, reduce=None):
+    def run(name, members, stat_key, mean_abs=None, expand=None, reduce=None, block=None):
         if not all(m in entries for m, _, _ in members):
             return None
         pairs = [(w, H) for _, w, H in members]
-        w_mean = weight_mean([w for w, _ in pairs], entries[members[0][0]].group_size)
+        first = entries[members[0][0]]
+        w_mean = weight_mean([w for w, _ in pairs], first.group_size)
+        rescore = None
+        if block is not None and sample is not None and first.rule.awq_block:
+            rescore = _block_rescore(block(), [w for _, w, _ in members], _quantizer(first))
         s, alpha, _ = search_scale(pairs, cap.stats[stat_key].mean_abs if mean_abs is None else mean_abs,
-                                   _quantizer(entries[members[0][0]]), alphas, expand,
-                                   w_mean if reduce is None else reduce(w_mean))
+                                   _quantizer(first), alphas, expand, w_mean if reduce is None else reduce(w_mean),
+                                   rescore=rescore)
         chosen[name] = alpha
         return s
+
+    def attention_block():
+        h, cos, sin = sample
+        with torch.no_grad():
+            x = layer.input_layernorm(h)
+        return lambda: attn(x, cos, sin)
+
+    def mlp_block():
+        h, cos, sin = sample
+        with torch.no_grad():
+            x = layer.post_attention_layernorm(h + attn(layer.input_layernorm(h), cos, sin))
+        return lambda: mlp(x)
 
     if hasattr(attn, "kv_a_proj_with_mqa"):
         _smooth_mla(layer, cap, entries, run)
     else:
         # input_layernorm -> q/k/v
         H = cap.stats["self_attn.q_proj"].H
-        s = run("qkv", [(f"self_attn.{p}", getattr(attn, p).weight, H) for p in ("q_proj", "k_proj", "v_proj")], "self_attn.q_proj")
+        s = run("qkv", [(f"self_attn.{p}", getattr(attn, p).weight, H) for p in ("q_proj", "k_proj", "v_proj")], "self_attn.q_proj",
+                block=attention_block)
         if s is not None:
             layer.input_layernorm.weight.data /= s.to(layer.input_layernorm.weight.dtype)
             for p in ("q_proj", "k_proj", "v_proj"):
@@ -95,7 +148,7 @@ def apply_awq(layer, cap: LayerCapture, entries: dict[str, PlanEntry], alphas=AL
                         ("mlp.shared_experts.up_proj", mlp.shared_experts.up_proj.weight, Hs)]
             keys.append("mlp.shared_experts.gate_proj")
         s = run("norm->gate/up", members, keys[-1], cap.stats[keys[-1]].mean_abs if len(keys) > 1 else
-                cap.stats["mlp.experts.gate_proj"].mean_abs.mean(0))
+                cap.stats["mlp.experts.gate_proj"].mean_abs.mean(0), block=mlp_block)
         if s is not None:
             layer.post_attention_layernorm.weight.data /= s.to(layer.post_attention_layernorm.weight.dtype)
             mlp.gate.weight.data *= s  # the router reads the same normed input: exact, it stays fp32
@@ -124,7 +177,8 @@ def apply_awq(layer, cap: LayerCapture, entries: dict[str, PlanEntry], alphas=AL
         mlps = [("mlp.shared_experts", mlp.shared_experts)] if mlp.shared_experts is not None else []
     else:
         H = cap.stats["mlp.gate_proj"].H
-        s = run("norm->gate/up", [("mlp.gate_proj", mlp.gate_proj.weight, H), ("mlp.up_proj", mlp.up_proj.weight, H)], "mlp.gate_proj")
+        s = run("norm->gate/up", [("mlp.gate_proj", mlp.gate_proj.weight, H), ("mlp.up_proj", mlp.up_proj.weight, H)], "mlp.gate_proj",
+                block=mlp_block)
         if s is not None:
             layer.post_attention_layernorm.weight.data /= s.to(layer.post_attention_layernorm.weight.dtype)
             mlp.gate_proj.weight.data *= s

@@ -29,7 +29,7 @@ from quantkit.calib.capture import EXPERT_CALIBRATION, capture_layer
 from quantkit.calib.data import DEFAULT_CALIB, calibration_windows
 from quantkit.calib.hidden import HiddenStore
 from quantkit.pipeline import resume
-from quantkit.pipeline.awq_apply import apply_awq
+from quantkit.pipeline.awq_apply import apply_awq, block_sample
 from quantkit.pipeline.finite import NonFiniteError, check_activations, check_source
 from quantkit.pipeline.layer_quant import quantize_layer
 from quantkit.quant.config import Plan, PlanEntry, Recipe, make_plan
@@ -247,7 +247,8 @@ class QuantizeRun:
                 with torch.no_grad():  # generation stays on disk until the layer is done (resume reopens it)
                     fp_next = self.fp_hidden.map(lambda h: layer(h, self.cos, self.sin), drop=False)
             if any("awq" in e.rule.method for e in entries):
-                awq_alphas = apply_awq(layer, cap, {e.module[len(prefix) + 1:]: e for e in entries})
+                sample = (block_sample(self.hidden), self.cos, self.sin) if any(e.rule.awq_block for e in entries) else None
+                awq_alphas = apply_awq(layer, cap, {e.module[len(prefix) + 1:]: e for e in entries}, sample=sample)
         res = quantize_layer(layer, prefix, entries, cap, scale_dtype=self.scale_dtype, min_expert_tokens=c.min_expert_tokens,
                              expert_calibration=c.expert_calibration)
         for name, t in model_tensors(layer):
