@@ -9,7 +9,7 @@ import quantkit
 from quantkit.calib.capture import capture_layer
 from quantkit.pipeline.awq_apply import apply_awq
 from quantkit.quant.awq import search_scale
-from quantkit.quant.config import BUILTIN_RECIPES, Recipe, make_plan
+from quantkit.quant.config import Recipe, make_plan
 from quantkit.quant.rtn import rtn
 
 
@@ -25,7 +25,7 @@ def test_folding_leaves_fp_logits_unchanged(src, awq_block):
         before = model(ids)
     recipe = Recipe.from_dict({"name": "awq", "rules": [{"pattern": ".*", "bits": 4, "group_size": 128, "method": "awq",
                                                           "awq_block": awq_block}]})
-    plan = make_plan(model.config, recipe if awq_block else BUILTIN_RECIPES["w4g128"])
+    plan = make_plan(model.config, recipe)
     h = model.model.embed_tokens(ids)
     cos, sin = model.rope(0, 24, "cpu")
     for idx, layer in enumerate(model.model.layers):

@@ -60,8 +60,8 @@ class Rule:
     clip_search: bool | None = None  # MSE-optimal clipping per group (as HQQ/AWQ search the range), weighted by
     # diag(H) where calibration gives one; None: on for the calibrated methods, off for plain RTN (``use_clip``)
     act_order: bool = True  # GPTQ: visit columns by decreasing diag(H), static groups (no g_idx)
-    awq_block: bool = False  # AWQ: decide the q/k/v and norm->gate/up scales at the attention / MLP output
-    # (quantkit.quant.awq); off: the exact per-linear error alone
+    awq_block: bool = True  # AWQ: decide the q/k/v and norm->gate/up scales at the attention / MLP output
+    # (quantkit.quant.awq); off: the exact per-linear error alone (benchmarks/peers.py: gap 8.04 on, 10.26 off)
     fp_target: bool = False  # GPTQ: aim at the fp model's outputs (asymmetric calibration; attention, dense and
     # shared-expert linears), which costs a second (fp) hidden-state stream during calibration; off: not yet
     # shown to help end to end (benchmarks/peers.py)
@@ -109,7 +109,7 @@ class Rule:
         d = asdict(self)
         if self.format != "trellis":
             del d["state_bits"], d["seed"]
-        if not self.awq_block:  # written only when on: recipes (and checkpoints) from before it read the same
+        if "awq" not in self.method:  # an AWQ setting: other rules (and their checkpoints) read as before it
             del d["awq_block"]
         return d
 
