@@ -9,11 +9,11 @@ We score each α by the exact output error on the calibration inputs, computed f
 H = Σ xᵀx alone:  err(s) = Σ_j tr(ΔW_j H_j ΔW_jᵀ),  ΔW_j = Q(W_j diag(s)) diag(1/s) − W_j.
 α = 0 (s = 1, plain quantization) is in the grid, so the chosen scale never scores worse than it.
 
-Block-output scoring (``Rule.awq_block``, on by default, as llm-compressor scores a mapping at its balance layers' lowest
-common ancestor): the best candidates by that error, and s = 1, are scored again by the mean squared change
-of the attention block's output (q/k/v) or the MLP's output (gate/up, routed experts included) on a few
-calibration windows, the other weights fp; that sees the softmax, silu(g)·u and the down projection, which
-the per-linear error weighs equally. v→o and up→down stay on the Hessian error, which is exact for them.
+Block-output scoring (``Rule.awq_block``, on by default; llm-compressor scores a mapping at its balance
+layers' lowest common ancestor): the best candidates by that error, and s = 1, are scored again by the mean
+squared change of the attention block's output (q/k/v) or the MLP's output (gate/up, routed experts
+included) on a few calibration windows, the other weights fp; that sees the softmax, silu(g)·u and the down
+projection, which the per-linear error weighs equally. v→o and up→down stay on the Hessian error, which is exact for them.
 
 Weight-aware candidates ("duo" scaling, as llm-compressor's AWQ offers): s = mean|x|^α / mean|ŵ|^(1-α),
 ŵ = |W| / its group's max |W| averaged over output rows per input column, so columns whose weights sit

@@ -20,7 +20,8 @@ layer ranges.
 
 ``format="trellis"`` is the trellis code of ``quantkit.format.trellis`` (QTIP / EXL3 class), routed experts
 only, ``bits`` 2/3/4 per weight, ``state_bits`` L (16 by default; a smaller L is an explicit CPU option: a
-faster encoder, a higher error), ``seed`` the incoherence signs' draw (0 by default); its ``method`` is rtn (plain Viterbi) or gptq (LDLQ with the Hessians).
+faster encoder, a higher error), ``seed`` the incoherence signs' draw (0 by default); its ``method`` is rtn
+(plain Viterbi) or gptq (LDLQ with the Hessians).
 Built-in: ``w2trellis`` (routed experts at 2 bits, the rest w4g128). A recipe's ``bits_per_weight`` (a bit
 budget, CLI ``--bits-per-weight``) lets ``quantkit.pipeline.budget`` pick the trellis bits per routed-expert
 tensor from measured sensitivity; it resolves the budget into per-tensor rules before ``make_plan``, which
