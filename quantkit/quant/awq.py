@@ -13,7 +13,8 @@ Block-output scoring (``Rule.awq_block``, on by default; llm-compressor scores a
 layers' lowest common ancestor): the best candidates by that error, and s = 1, are scored again by the mean
 squared change of the attention block's output (q/k/v) or the MLP's output (gate/up, routed experts
 included) on a few calibration windows, the other weights fp; that sees the softmax, silu(g)·u and the down
-projection, which the per-linear error weighs equally. v→o and up→down stay on the Hessian error, which is exact for them.
+projection, which the per-linear error weighs equally. v→o and up→down stay on the Hessian error, which is
+exact for them.
 
 Weight-aware candidates ("duo" scaling, as llm-compressor's AWQ offers): s = mean|x|^α / mean|ŵ|^(1-α),
 ŵ = |W| / its group's max |W| averaged over output rows per input column, so columns whose weights sit
