@@ -13,12 +13,10 @@ from quantkit.quant.config import Recipe, make_plan
 from quantkit.quant.rtn import rtn
 
 
-@pytest.mark.parametrize("src", ["random:ernie-tiny", "random:qwen2-moe-tiny", "random:glm4-moe-tiny", "random:olmoe-tiny",
-                                 "random:mixtral-tiny"])  # q/k/v bias, the shared-expert gate, q/k norms, renamed experts
-@pytest.mark.parametrize("awq_block", [False, True])
-def test_folding_leaves_fp_logits_unchanged(src, awq_block):
-    if awq_block and src not in ("random:ernie-tiny", "random:qwen2-moe-tiny"):
-        pytest.skip("block-output scoring: one family with and one without the shared-expert gate")
+@pytest.mark.parametrize("src,awq_block", [(s, False) for s in (
+    "random:ernie-tiny", "random:qwen2-moe-tiny", "random:glm4-moe-tiny", "random:olmoe-tiny", "random:mixtral-tiny")]
+    + [("random:ernie-tiny", True), ("random:qwen2-moe-tiny", True)])  # q/k/v bias, the shared-expert gate, q/k norms,
+def test_folding_leaves_fp_logits_unchanged(src, awq_block):  # renamed experts; block scoring with and without a shared gate
     model = quantkit.load(src)
     ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
