@@ -60,9 +60,9 @@ def _block_rescore(forward, params, quant):
     """s -> mean squared change of ``forward()`` when each weight tensor in ``params`` is Q(W·s)/s (restored after)."""
     with torch.no_grad():
         ref = forward()
+    saved = [p.data.clone() for p in params]  # the fp weights, put back after every candidate
 
     def score(s: torch.Tensor) -> float:
-        saved = [p.data.clone() for p in params]
         try:
             for p, w in zip(params, saved):
                 p.data.copy_((quant(w.float() * s) / s).to(p.dtype))

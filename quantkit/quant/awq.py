@@ -79,8 +79,8 @@ def search_scale(members: Sequence[tuple[torch.Tensor, torch.Tensor]], mean_abs:
     if rescore is not None:
         shortlist = sorted(range(len(cands)), key=errors.__getitem__)[:top]
         shortlist += [i for i, (a, wm) in enumerate(cands) if a == 0 and wm is None and i not in shortlist]
-        block = {i: rescore(scale_from_alpha(mean_abs, *cands[i])) for i in shortlist}
-        best = min(block, key=block.__getitem__)
+        at_block = {i: rescore(expand(scale_from_alpha(mean_abs, *cands[i]))) for i in shortlist}
+        best = min(at_block, key=at_block.__getitem__)
     a, wm = cands[best]
     return scale_from_alpha(mean_abs, a, wm), a if wm is None else f"duo:{a:.2f}", errors
 
