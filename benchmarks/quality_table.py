@@ -1,6 +1,7 @@
 """Perplexity, bits/weight and size of a model under several recipes and methods, side by side in one run.
 
-    python benchmarks/quality_table.py [--src demo:smollm2-moe] [--data sotu] [--seq-len 512] [--max-windows 40]
+    python benchmarks/quality_table.py [--src demo:smollm2-moe] [--data sotu] [--extra-data shakespeare,pydoc]
+        [--seq-len 512] [--max-windows 40]
         [--recipes w4g128,w4g128-asym,w3g128,w2g64] [--methods rtn] [--expert-calibration routed]
         [--calib sotu:train --calib-samples 64 --calib-seq-len 512] [--json out.json [--resume]] [--workdir DIR]
 
@@ -44,6 +45,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--src", default="demo:smollm2-moe")
     ap.add_argument("--data", default="sotu")
+    ap.add_argument("--extra-data", default="", help="comma list of more DATA specs every row is also evaluated on "
+                    "(same --seq-len and --max-windows; the table gets a column each, --data's vs-source ratio first)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--max-windows", type=int, default=40)
     ap.add_argument("--recipes", default="w4g128,w4g128-asym,w3g128,w2g64")
@@ -60,12 +63,15 @@ def main() -> None:
     torch.manual_seed(0)
 
     src = resolve(a.src)
-    ids = tokenize_for_windows(quantkit.load_tokenizer(src), load_text(a.data), a.seq_len, a.max_windows)
+    tok = quantkit.load_tokenizer(src)
+    ids = tokenize_for_windows(tok, load_text(a.data), a.seq_len, a.max_windows)
+    extra_data = [d for d in a.extra_data.split(",") if d]
+    extra_ids = {d: tokenize_for_windows(tok, load_text(d), a.seq_len, a.max_windows) for d in extra_data}
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="quantkit-table-"))
     src_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     settings = {"src": a.src, "data": a.data, "seq_len": a.seq_len, "max_windows": a.max_windows,
                 "clip_search": a.clip_search, "calib": a.calib, "calib_samples": a.calib_samples,
-                "calib_seq_len": a.calib_seq_len}
+                "calib_seq_len": a.calib_seq_len} | ({"extra_data": extra_data} if extra_data else {})
     rows = []
     if a.resume:
         if not a.json or not Path(a.json).exists():
@@ -90,6 +96,9 @@ def main() -> None:
             return
         model = quantkit.load(path)
         r = perplexity(model, ids, a.seq_len, a.max_windows, model_name=name, data_name=a.data)
+        if extra_ids:
+            extra["perplexity_by_data"] = {d: perplexity(model, x, a.seq_len, a.max_windows, model_name=name,
+                                                         data_name=d).perplexity for d, x in extra_ids.items()}
         rows.append({"model": name, "perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens,
                      "bits_per_weight_quantized": bits, "size_bytes": size, "quantize_seconds": seconds,
                      "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **extra})
@@ -125,8 +134,9 @@ def main() -> None:
           f"{', clip search' if a.clip_search else ''}; calibration (non-RTN rows): {a.calib}, "
           f"{a.calib_samples} x {a.calib_seq_len} tokens\n")
     extra = " gap to source | bits/weight (routed experts) | routed-expert encode s (weights/s) |" if with_experts else ""
-    print(f"| model | perplexity | vs source |{extra} bits/weight (quantized part) | bits/weight (all) | size |")
-    print("|---|---|---|" + "---|" * (3 if with_experts else 0) + "---|---|---|")
+    more = "".join(f" {d} (vs source) |" for d in extra_data)
+    print(f"| model | perplexity | vs source |{extra}{more} bits/weight (quantized part) | bits/weight (all) | size |")
+    print("|---|---|---|" + "---|" * ((3 if with_experts else 0) + len(extra_data)) + "---|---|---|")
     for r in rows:
         bits, overall = ("-" if r.get(k) is None else f"{r[k]:.3f}"
                          for k in ("bits_per_weight_quantized", "bits_per_weight_overall"))
@@ -136,6 +146,9 @@ def main() -> None:
             enc = (f"{r['routed_expert_encode_seconds']:,.0f} ({r['routed_expert_weights_per_second']:,.0f})"
                    if r.get("routed_expert_encode_seconds") else "-")
             cols = f" {r['perplexity'] - base:+.2f} | {'-' if eb is None else f'{eb:.3f}'} | {enc} |"
+        for d in extra_data:
+            got, ref = r["perplexity_by_data"][d], rows[0]["perplexity_by_data"][d]
+            cols += f" {got:.3f} ({got / ref:.3f}x) |"
         print(f"| {r['model']} | {r['perplexity']:.3f} | {r['perplexity'] / base:.3f}x |{cols} {bits} | {overall} "
               f"| {r['size_bytes'] / 1e6:.1f} MB |")
     print(f"\n{machine['date']}, {machine['machine']}, {torch.get_num_threads()} thread(s)")
