@@ -161,3 +161,35 @@ def test_moe_loads_in_transformers_and_routes_sparsely(gguf_model, moe_dir, dens
     dense = Ernie4_5_MoeForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()
     ratio = math.exp(moe_nll - _nll(dense, ids))
     assert ratio < 1.6, f"MoE perplexity is {ratio:.2f}x the dense one"
+
+
+def test_calibration_mix_splits_between_corpora(gguf_model):
+    """A ``+``-joined calib_data gives each corpus its share of the sequences, in order, each a full window."""
+    from quantkit.sources.moe_split import Recipe
+    from quantkit.sources.smollm2_moe import _calibration_ids
+
+    tok = gguf_model.tokenizer
+    r = Recipe(calib_data="sotu:train+peoples-daily:train+pydoc:train", calib_seqs=7, seq_len=64)
+    ids = _calibration_ids(tok, r)
+    assert ids.shape == (7, 64)
+    texts = [tok.decode(row.tolist()) for row in ids]
+    is_zh = [sum("\u4e00" <= c <= "\u9fff" for c in t) > 10 for t in texts]
+    assert is_zh == [False, False, False, True, True, False, False]  # 3 + 2 + 2 sequences, part after part
+    single = _calibration_ids(tok, Recipe(calib_seqs=3, seq_len=64))  # one corpus: the v3 rule (word boundaries)
+    assert all(tok.decode(row.tolist())[:1].strip() for row in single)
+
+
+def test_demo_variant_specs():
+    """``demo:smollm2-moe?FIELD=VALUE&...`` changes recipe fields, keeps "+" as a corpus join, rejects the rest."""
+    from quantkit.errors import UsageError
+    from quantkit.sources import _demo_recipe, resolve
+
+    r, tag = _demo_recipe("top_k=6&calib_data=sotu:train+pydoc:train&load_range=0.5,1.5")
+    assert (r.top_k, r.calib_data, r.load_range) == (6, "sotu:train+pydoc:train", (0.5, 1.5))
+    assert _demo_recipe("calib_data=sotu:train+pydoc:train&top_k=6&load_range=0.5,1.5")[1] == tag  # order-free
+    assert _demo_recipe("top_k=4")[1] != tag
+    for bad, msg in (("foo=1", "not FIELD=VALUE"), ("top_k", "not FIELD=VALUE"), ("top_k=x", "must be of type int")):
+        with pytest.raises(UsageError, match=msg):
+            _demo_recipe(bad)
+    with pytest.raises(UsageError, match="takes no options"):
+        resolve("demo:smollm2-dense?top_k=6")

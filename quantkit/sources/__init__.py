@@ -13,6 +13,8 @@ Built-in names:
                                         sharded (memory benchmark): qwen3-30b-a3b, qwen1.5-moe-a2.7b, mixtral-8x7b,
                                         olmoe-1b-7b, glm4.5-air, deepseek-v2-lite
   ``demo:smollm2-moe``                  real-weights ERNIE-4.5-MoE built from SmolLM2-135M
+  ``demo:smollm2-moe?FIELD=VALUE&...``  a variant of it: recipe fields changed (``sources/moe_split.py``'s
+                                        Recipe), e.g. ``?top_k=6&calib_data=sotu:train``
   ``demo:smollm2-dense``                the same SmolLM2 as a dense ERNIE (the demo's reference)
 
 Built models live under ``$QUANTKIT_CACHE`` (default ``~/.cache/quantkit``), in a directory whose name
@@ -121,10 +123,45 @@ def _progress(i: int, n: int) -> None:
 def _demo(spec: str) -> Path:
     from quantkit.sources import smollm2_moe
 
+    name, _, query = spec.partition("?")
     builders = {"smollm2-moe": smollm2_moe.build_smollm2_moe, "smollm2-dense": smollm2_moe.build_smollm2_dense}
-    if spec not in builders:
-        raise UsageError(f"unknown demo model {spec!r}: use one of {', '.join(builders)}")
-    return _build_cached(f"demo/{spec}-v{smollm2_moe.RECIPE_VERSION}", builders[spec])
+    if name not in builders:
+        raise UsageError(f"unknown demo model {name!r}: use one of {', '.join(builders)}")
+    if not query:
+        return _build_cached(f"demo/{name}-v{smollm2_moe.RECIPE_VERSION}", builders[name])
+    if name != "smollm2-moe":
+        raise UsageError(f"demo:{name} takes no options, got {query!r}")
+    recipe, tag = _demo_recipe(query)
+    return _build_cached(f"demo/{name}-v{smollm2_moe.RECIPE_VERSION}-{tag}",
+                         lambda out: smollm2_moe.build_smollm2_moe(out, recipe))
+
+
+def _demo_recipe(query: str):
+    """``demo:smollm2-moe?FIELD=VALUE&...``: the demo's recipe with some fields changed (a variant, cached
+    under a name made from the changes), e.g. ``?top_k=6`` or ``?calib_data=sotu:train``."""
+    import dataclasses
+    import hashlib
+
+    from quantkit.sources.moe_split import Recipe
+
+    fields = {f.name: f for f in dataclasses.fields(Recipe)}
+    base, changes = Recipe(), {}
+    for item in filter(None, query.split("&")):  # not parse_qs: "+" joins corpora here, it is no space
+        key, eq, raw = item.partition("=")
+        if key not in fields or not eq:
+            raise UsageError(f"demo:smollm2-moe: {item!r} is not FIELD=VALUE with a recipe field "
+                             f"(known: {', '.join(fields)})")
+        kind = type(getattr(base, key))
+        try:
+            changes[key] = tuple(float(v) for v in raw.split(",")) if kind is tuple else kind(raw)
+        except ValueError:
+            raise UsageError(f"demo:smollm2-moe: {key} must be of type {kind.__name__}, got {raw!r}") from None
+    try:
+        recipe = dataclasses.replace(base, **changes)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"demo:smollm2-moe: {e}") from None
+    canon = "&".join(f"{k}={changes[k]}" for k in sorted(changes))
+    return recipe, hashlib.sha256(canon.encode()).hexdigest()[:10]
 
 
 def resolve(src: str | os.PathLike) -> Path:

@@ -25,7 +25,8 @@ class Recipe:
     num_shared: int = 2  # shared experts, stored as ONE MLP of width num_shared * expert_size
     expert_size: int = 128  # neurons per expert (moe_intermediate_size)
     calib_seqs: int = 32  # calibration sequences ...
-    seq_len: int = 512  # ... of this many tokens, from sotu:train
+    seq_len: int = 512  # ... of this many tokens, from:
+    calib_data: str = "sotu:train"  # a corpus spec, or several joined with "+" (sequences split evenly)
     cluster_tokens: int = 4096  # tokens whose contribution profiles the clustering sees
     kmeans_iters: int = 15
     em_iters: int = 20

@@ -78,25 +78,38 @@ def _attention(cfg: MoeConfig, layer: int, w: dict) -> Attention:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _calibration_ids(tok, r: Recipe) -> torch.Tensor:
-    """[calib_seqs, seq_len] token ids from sotu:train, no BOS.
+def _chunk_start(text: str, pos: int) -> int:
+    """The first character after the next word boundary at or after ``pos``: a space within 64 characters
+    (English), else the next line break (Chinese has no spaces), else ``pos`` itself."""
+    i = text.find(" ", pos, pos + 64)
+    if i < 0:
+        i = text.find("\n", pos)
+    return pos if i < 0 else i + 1
 
-    Sequences start at evenly spaced word boundaries of the train split after its first 10 %, so they
-    stay clear of the opening addresses, where the perplexity windows of ``sotu`` lie.
+
+def _calibration_ids(tok, r: Recipe) -> torch.Tensor:
+    """[calib_seqs, seq_len] token ids from ``r.calib_data``, no BOS.
+
+    ``calib_data`` is one corpus spec or several joined with ``+``; the sequences are split evenly between
+    them (earlier parts take the remainder), part after part. In each part they start at evenly spaced word
+    boundaries after its first 10 %, so they stay clear of the opening documents, where the perplexity
+    windows of a corpus lie.
     """
     from quantkit.evals.data import load_text
 
-    text = load_text("sotu:train")
-    span = 8 * r.seq_len  # characters: comfortably more than seq_len tokens
-    lo, hi = len(text) // 10, len(text) - span
+    parts = [p for p in r.calib_data.split("+") if p]
+    span = 8 * r.seq_len  # characters: comfortably more than seq_len tokens, English or Chinese
     rows = []
-    for i in range(r.calib_seqs):
-        start = lo + (hi - lo) * i // max(r.calib_seqs - 1, 1)
-        start = text.find(" ", start) + 1
-        ids = tok.encode(text[start : start + span]).ids[: r.seq_len]
-        if len(ids) < r.seq_len:
-            raise RuntimeError("calibration chunk too short")  # cannot happen with English text
-        rows.append(ids)
+    for k, spec in enumerate(parts):
+        n = r.calib_seqs // len(parts) + (k < r.calib_seqs % len(parts))
+        text = load_text(spec)
+        lo, hi = len(text) // 10, len(text) - span
+        for i in range(n):
+            start = _chunk_start(text, lo + (hi - lo) * i // max(n - 1, 1))
+            ids = tok.encode(text[start : start + span]).ids[: r.seq_len]
+            if len(ids) < r.seq_len:
+                raise RuntimeError(f"calibration chunk of {spec!r} too short")  # not with these corpora
+            rows.append(ids)
     return torch.tensor(rows)
 
 
