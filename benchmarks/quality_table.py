@@ -166,6 +166,10 @@ def routed_experts(rep: dict) -> dict:
                   if mod.startswith("mlp.experts."))
     out = {"routed_expert_bits_per_weight": sum(v["bits_per_weight"] * v["weights"] for v in parts) / weights,
            "routed_expert_weights": weights}
+    tokens = [n for layer in rep["layers"] for n in (layer.get("expert_tokens") or [])]
+    if tokens:  # calibrated rows: did every expert get its own Hessian (none fell back to RTN)?
+        out |= {"min_expert_tokens": min(tokens), "experts_without_hessian":
+                sum(len(layer.get("rtn_fallback_experts") or []) for layer in rep["layers"])}
     if seconds:
         out |= {"routed_expert_encode_seconds": seconds, "routed_expert_weights_per_second": weights / seconds}
     b = rep.get("bit_budget")
