@@ -21,12 +21,12 @@ class Recipe:
     """Knobs of the expert split; the defaults are the published demo (bump smollm2_moe.RECIPE_VERSION with them)."""
 
     num_experts: int = 10  # routed experts per MoE layer
-    top_k: int = 5  # routed experts per token
+    top_k: int = 6  # routed experts per token
     num_shared: int = 2  # shared experts, stored as ONE MLP of width num_shared * expert_size
     expert_size: int = 128  # neurons per expert (moe_intermediate_size)
-    calib_seqs: int = 32  # calibration sequences ...
+    calib_seqs: int = 48  # calibration sequences ...
     seq_len: int = 512  # ... of this many tokens, from:
-    calib_data: str = "sotu:train"  # a corpus spec, or several joined with "+" (sequences split evenly)
+    calib_data: str = "sotu:train+peoples-daily:train+pydoc:train"  # corpora joined with "+": sequences split evenly
     cluster_tokens: int = 4096  # tokens whose contribution profiles the clustering sees
     kmeans_iters: int = 15
     em_iters: int = 20

@@ -8,41 +8,46 @@ the GGUF's q/k rows are already in the interleaved-pair layout that ERNIE's GPT-
 
 The MoE (:func:`build_smollm2_moe`): layer 0 stays dense (ERNIE convention); each FFN of layers
 1..29 (SwiGLU, 1536 neurons) becomes 2 shared experts (one 256-wide MLP) + 10 routed experts of 128
-neurons, top-5, so 256 + 5 * 128 = 896 of 1536 neurons (58 %) run per token. Layer by layer, on 16 k
-calibration tokens (``sotu:train``, away from the opening addresses where perplexity is measured),
-with the already converted layers in front (their errors are what the next layer sees):
+neurons, top-6, so 256 + 6 * 128 = 1024 of 1536 neurons (67 %) run per token. Layer by layer, on 24 k
+calibration tokens from three domains (recipe v4: 16 sequences of 512 each from ``sotu:train``,
+``peoples-daily:train`` and ``pydoc:train``, each away from its corpus's opening documents, where
+perplexity is measured), with the already converted layers in front (their errors are what the next
+layer sees):
 
 1. Contribution size of neuron n on token t: |silu(g_n x) (u_n x)| * ||down[:, n]||.
 2. Shared experts: the 256 neurons with the largest mean squared contribution (the always-busy ones,
    incl. the massive-activation neurons that some layers have: there the shared part carries > 90 %).
 3. Routed experts: balanced spherical k-means (10 x 128) of the remaining neurons' contribution
    profiles over 4 k tokens (neurons that fire on the same tokens go together), then hard-EM on the
-   objective itself: each token picks its 5 clusters with the most energy, each neuron moves (balanced
+   objective itself: each token picks its k clusters with the most energy, each neuron moves (balanced
    greedy) to the cluster whose picking tokens hold most of its energy. Plain co-activation k-means is
    barely better than a random partition (SwiGLU neurons of this model do not form clean groups); the
-   EM raises the energy captured by the top-5 experts by ~10 points. Left alone, the EM makes a few
+   EM raises the energy captured by the top-k experts by ~10 points. Left alone, the EM makes a few
    experts "always on" and others dead, so its picks are load-balanced (below).
 4. Router: ridge least squares (with intercept) of the centred log norm of each expert's output on
    the FFN input (post_attention_layernorm output). The logits are scaled to a small spread (0.05) so
-   that the renormalised top-5 weights are nearly uniform (~1/5 each): ERNIE weights experts by the
+   that the renormalised top-k weights are nearly uniform (~1/k each): ERNIE weights experts by the
    unbiased probs, and a uniform mix is what reproduces a sum of neurons. The intercept goes to
    ``e_score_correction_bias`` (which, as in ERNIE, only affects the choice: probs + bias choose),
    plus an aux-loss-free balancing term, so that every expert's load stays within 0.25-1.75x of the
    fair share k/E on calibration tokens. Routing is therefore sparse, data-dependent and uses every
-   expert; it agrees with the unconstrained top-5 by output norm for 65-80 % of the picks.
+   expert; it agrees with the unconstrained top-k by output norm for 65-80 % of the picks (v3).
 5. Output compensation: ERNIE sums weight * expert with weights summing to 1, the dense FFN sums
    neurons with weight 1, and the dropped experts' contribution is missing. Per-expert scales
-   (~5 = 1 / weight) are fitted by least squares, then all down projections (shared + experts) are
+   (~k = 1 / weight) are fitted by least squares, then all down projections (shared + experts) are
    refitted jointly by least squares against the dense FFN output with the routing fixed (the output
    is linear in them), shrunk towards the scaled real weights (ridge ``refit_ridge`` * diag(X^T X)).
    Gate/up projections stay the real weights. This refit is the largest single gain (sotu perplexity
    65 -> 49 in a development run, 8 windows; dense 35).
 
-Result (sotu, first 40 windows of 512 tokens = 20 440 predicted tokens, no BOS, fp32): dense 36.54,
-this recipe (v3) 53.69 = 1.47x dense. What balancing costs, same protocol: unbalanced (v2, 8 k
-calibration tokens) 52.01; loads in 0.5-1.5x with 8 k tokens 55.50; 0.25-1.75x with 8 k 54.90; with
-16 k (v3) 53.69. quantkit_demo.json holds the per-layer relative FFN error and expert loads on the
-calibration tokens.
+History. v3 (top-5, 16 k tokens of ``sotu:train`` only) was 1.47x dense on ``sotu`` but did not
+generalize: 1.71x on Shakespeare, 2.69x on the Python reference and 28x on Chinese (issue 15). Mixing
+the domains alone did not fix the English held-out domain (top-5: 1.68x on Shakespeare); a sixth routed
+expert per token did (1.48x), and so did 3 shared + 9 routed at top-5 (1.49x, the same 67 % active).
+``benchmarks/demo_domains.py`` measures every variant (``demo:smollm2-moe?FIELD=VALUE``); the README
+has the table. What balancing cost in v3 (sotu, 40 windows): unbalanced (v2) 52.01, 0.25-1.75x loads
+53.69. quantkit_demo.json holds the per-layer relative FFN error and expert loads on the calibration
+tokens.
 Deterministic: one torch.Generator seeded from the recipe; the math is fp32 on CPU.
 """
 
@@ -62,7 +67,7 @@ from quantkit.model.layers import Attention, RotaryEmbedding, rms_norm
 from quantkit.sources.gguf_llama import GGUFLlama, read_gguf_llama
 from quantkit.sources.moe_split import Recipe, split_ffn, swiglu
 
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 
 
 def _attention(cfg: MoeConfig, layer: int, w: dict) -> Attention:
