@@ -157,8 +157,13 @@ def test_moe_loads_in_transformers_and_routes_sparsely(gguf_model, moe_dir, dens
         _, _, chosen = model.model.layers[i].mlp.gate(x)  # [tokens, k] expert ids, as the model routed
         assert chosen.shape[1] == cfg.moe_k < cfg.moe_num_experts
         load = torch.bincount(chosen.flatten(), minlength=cfg.moe_num_experts) / chosen.shape[0]  # pick rate
-        # every expert serves some tokens, none serves (nearly) all: the builder balances the loads
-        assert (load > 0.02).all() and (load < 0.95).all(), f"layer {i}: unbalanced loads {load.tolist()}"
+        # every expert serves some of these tokens (v4: at least 3 of 1024), and at least half of them are routed
+        # (not chosen for nearly every token). v4 is less balanced than v3 was (>= 2 % each, none >= 95 %): at
+        # top-6 of 10 the builder's upper load bound (1.75x the fair share k/E, over 1) does not bind, and deep
+        # layers have up to 4 (nearly) always-chosen experts (README, the demo model)
+        assert (load > 0).all(), f"layer {i}: an expert serves none of these tokens: {load.tolist()}"
+        routed = int((load < 0.95).sum())
+        assert routed >= cfg.moe_num_experts // 2, f"layer {i}: only {routed} experts are routed: {load.tolist()}"
         patterns = {tuple(sorted(row)) for row in chosen.tolist()}
         assert len(patterns) >= 20, f"layer {i}: routing barely depends on the token"
 
@@ -183,7 +188,7 @@ def test_calibration_mix_splits_between_corpora(gguf_model):
     texts = [tok.decode(row.tolist()) for row in ids]
     is_zh = [sum("\u4e00" <= c <= "\u9fff" for c in t) > 10 for t in texts]
     assert is_zh == [False, False, False, True, True, False, False]  # 3 + 2 + 2 sequences, part after part
-    single = _calibration_ids(tok, Recipe(calib_seqs=3, seq_len=64))  # one corpus: the v3 rule (word boundaries)
+    single = _calibration_ids(tok, Recipe(calib_data="sotu:train", calib_seqs=3, seq_len=64))  # v3: word boundaries
     assert all(tok.decode(row.tolist())[:1].strip() for row in single)
 
 
