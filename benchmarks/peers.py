@@ -282,14 +282,22 @@ def main() -> None:
 
 
 def rule_overrides(spec: str) -> dict:
-    """``act_order=1,clip_search=0`` -> {"act_order": True, "clip_search": False} (bool fields of Rule only)."""
-    known = {f.name for f in fields(Rule) if "bool" in str(f.type)}
+    """``act_order=1,clip_search=0,damp=0.1`` -> {"act_order": True, "clip_search": False, "damp": 0.1}
+    (Rule's bool fields as 0|1, its float fields as numbers)."""
+    kinds = {f.name: ("bool" if "bool" in str(f.type) else "float") for f in fields(Rule)
+             if "bool" in str(f.type) or str(f.type) == "float"}
     out = {}
     for item in filter(None, spec.split(",")):
         k, _, v = item.partition("=")
-        if k not in known or v not in ("0", "1"):
-            raise SystemExit(f"--quantkit-rule: {item!r} is not FIELD=0|1 with FIELD one of {', '.join(sorted(known))}")
-        out[k] = v == "1"
+        if kinds.get(k) == "bool" and v in ("0", "1"):
+            out[k] = v == "1"
+            continue
+        try:
+            out[k] = float(v) if kinds.get(k) == "float" else None
+        except ValueError:
+            out[k] = None
+        if out[k] is None:
+            raise SystemExit(f"--quantkit-rule: {item!r} is not FIELD=0|1 or FIELD=NUMBER with FIELD one of {', '.join(sorted(kinds))}")
     return out
 
 

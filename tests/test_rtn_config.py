@@ -114,3 +114,22 @@ def test_weighted_clip_search_never_worse_in_its_metric_and_follows_the_weights(
         assert bool((metric(clipped) <= metric(plain) + 1e-5).all())
     # where column 0 dominates the metric, the first group keeps its full range (no clipping of the outlier)
     assert torch.equal(clipped.scales[:, 0], plain.scales[:, 0])
+
+
+def test_gptq_dampening_is_a_rule_setting_that_reaches_gptq(monkeypatch):
+    from quantkit.pipeline import layer_quant
+    from quantkit.quant.config import PlanEntry
+
+    r = Rule(method="gptq", damp=0.3)
+    assert Rule.from_dict(r.to_dict()) == r and r.to_dict()["damp"] == 0.3
+    assert "damp" not in Rule(method="awq").to_dict()  # a GPTQ setting: other rules read as before it
+    for bad in (0, -1, "0.1", True, float("nan"), 1000):
+        with pytest.raises(UsageError, match="damp"):
+            Rule(method="gptq", damp=bad)
+    seen = []
+    real = layer_quant.gptq
+    monkeypatch.setattr(layer_quant, "gptq", lambda *a, **k: seen.append(k["damp"]) or real(*a, **k))
+    w = torch.randn(16, 64)
+    X = torch.randn(256, 64)
+    layer_quant._quantize(PlanEntry("x.q_proj", (16, 64), r, 64), w, X.T @ X, torch.float32, True)
+    assert seen == [0.3]

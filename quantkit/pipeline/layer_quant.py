@@ -67,7 +67,7 @@ def _quantize(entry: PlanEntry, w: torch.Tensor, H: torch.Tensor | None, scale_d
     def one(wc, Hc):
         if use_gptq and Hc is not None:
             return gptq(wc, Hc, r.bits, entry.group_size, r.symmetric, act_order=r.act_order, clip_search=r.use_clip,
-                        scale_dtype=scale_dtype)
+                        scale_dtype=scale_dtype, damp=r.damp)
         cw = None if Hc is None else torch.diagonal(Hc, dim1=-2, dim2=-1)[..., None, :]  # clip by output energy
         return rtn(wc, r.bits, entry.group_size, r.symmetric, clip_search=r.use_clip, scale_dtype=scale_dtype,
                    clip_weight=cw)
@@ -97,7 +97,7 @@ def quantize_layer(layer, prefix: str, entries: list[PlanEntry], cap: LayerCaptu
         H = None if st is None else st.H
         target = w
         if use_gptq and entry.rule.fp_target and st.M is not None and entry.rule.format == "int":
-            target = fp_target(w, H, st.M)  # GPTQ then minimises Σ‖W x_fp − Q x̃‖²
+            target = fp_target(w, H, st.M, damp=entry.rule.damp)  # GPTQ then minimises Σ‖W x_fp − Q x̃‖²
         t0 = time.perf_counter()
         qt = _quantize(entry, target, H, scale_dtype, use_gptq)
         if entry.is_experts and starving and use_gptq and isinstance(qt, (Code2Tensor, TrellisTensor)):  # plain encoder
