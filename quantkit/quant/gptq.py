@@ -7,8 +7,8 @@ inputs. Columns are quantized one at a time; each column's rounding error is spr
 not yet quantized through the inverse Hessian's Cholesky factor (lazy, blocked updates). Dampening adds
 ``damp`` × mean(diag H) to the diagonal; a failed Cholesky retries with ten times the dampening.
 Dampening is also a ridge: the larger it is, the less closely GPTQ fits the calibration inputs, and the
-nearer it comes to plain rounding (H + λI tends to a multiple of I, whose inverse spreads no error). ``Rule.damp`` sets it; ``benchmarks/peers.py``
-measured the trade (README, "Against llm-compressor").
+nearer it comes to plain rounding (H + λI tends to a multiple of I, whose inverse spreads no error).
+``Rule.damp`` sets it; ``benchmarks/peers.py`` measured the trade (README, "Against llm-compressor").
 
 Group scales/zeros are found when the column loop reaches a group's first column, from the weights as
 they are then (already corrected by earlier columns). With ``act_order`` the columns are visited in
